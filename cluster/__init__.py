@@ -1,0 +1,1 @@
+"""Speculative-decoding serving engine: draft proposes, target verifies, output is exactly the target's."""

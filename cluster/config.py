@@ -1,0 +1,158 @@
+"""Typed engine config, loaded from YAML and validated with the failing key's path in every error."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cluster.errors import ConfigError, ModelNotFoundError, UnknownDrafterError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    dtype: str = "float32"
+    gguf_file: str | None = None  # load a GGUF file inside `path` instead of safetensors
+
+    def validate(self, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path: required")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{key}.dtype: {self.dtype!r} is not one of {DTYPES}")
+
+
+@dataclass
+class DrafterConfig:
+    kind: str = "ngram"  # a name in cluster.drafters.registry.DRAFTERS
+    model: ModelConfig | None = None  # for kind=model
+    ngram_min: int = 1  # for kind=ngram: shortest suffix to look up
+    ngram_max: int = 4  # for kind=ngram: longest suffix to look up
+
+    def validate(self, key: str) -> None:
+        from cluster.drafters.registry import DRAFTERS  # names only: no model code imported
+
+        if self.kind not in DRAFTERS:
+            raise UnknownDrafterError(f"{key}.kind: unknown drafter {self.kind!r}; known: {sorted(DRAFTERS)}")
+        if self.kind == "model":
+            if self.model is None:
+                raise ConfigError(f"{key}.model: required for kind 'model'")
+            self.model.validate(f"{key}.model")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"{key}.ngram_min/ngram_max: need 1 <= ngram_min <= ngram_max")
+
+
+@dataclass
+class SpeculationConfig:
+    k: int = 4  # draft length to start each request with; 0 = target-only decoding
+    k_min: int = 1  # adaptive K never goes below this (unless k == 0)
+    k_max: int = 8
+    adaptive: bool = True  # adapt K per request from its recent acceptance
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.k_min <= self.k_max:
+            raise ConfigError(f"{key}.k_min/k_max: need 0 <= k_min <= k_max")
+        if not 0 <= self.k <= self.k_max:
+            raise ConfigError(f"{key}.k: {self.k} outside [0, k_max={self.k_max}]")
+
+
+@dataclass
+class SamplingDefaults:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class LimitsConfig:
+    max_batch_size: int = 8  # sequences decoded together (KV cache slots)
+    max_model_len: int = 1024  # prompt + generated tokens, capped by the model's own context
+    max_tokens: int = 1024  # largest max_tokens a request may ask for
+    max_waiting: int = 256  # queued requests beyond the batch; more is EngineOverloadedError
+
+    def validate(self, key: str) -> None:
+        for name in ("max_batch_size", "max_model_len", "max_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    target: ModelConfig = field(default_factory=ModelConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def validate(self, check_paths: bool = True) -> EngineConfig:
+        self.target.validate("target")
+        self.drafter.validate("drafter")
+        self.speculation.validate("speculation")
+        self.limits.validate("limits")
+        if check_paths:
+            _check_model_dir("target", self.target)
+            if self.drafter.kind == "model":
+                _check_model_dir("drafter.model", self.drafter.model)
+        return self
+
+
+def _check_model_dir(key: str, model: ModelConfig) -> None:
+    path = Path(model.path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{key}.path: model directory {str(path)!r} does not exist")
+    wanted = [model.gguf_file] if model.gguf_file else ["config.json"]
+    for name in wanted:
+        if not (path / name).is_file():
+            raise ModelNotFoundError(f"{key}.path: {str(path)!r} has no {name}")
+
+
+def from_dict(cls, data, key: str = ""):
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types by key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{_join(key, k)}: unknown key; known: {sorted(names)}")
+    return cls(**{k: _coerce(hints[k], v, _join(key, k)) for k, v in data.items()})
+
+
+def _coerce(tp, value, key: str):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def load_config(path: str | os.PathLike, check_paths: bool = True) -> EngineConfig:
+    """Load and validate a YAML engine config. Relative model paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    config = from_dict(EngineConfig, data)
+    for model in (config.target, config.drafter.model):
+        if model is not None and model.path and not Path(model.path).is_absolute():
+            model.path = str((path.parent / model.path).resolve())
+    return config.validate(check_paths)

@@ -342,6 +342,8 @@ class SpecEngine:
         for prompt, p in zip(prompts, plist):  # validate all first: nothing half-queued on error
             (p or self.default_params()).validate(self.config.limits.max_tokens)
             self._tokenize(prompt)
+        if len(self.waiting) + len(prompts) > self.config.limits.max_waiting + self.target.cache.num_free:
+            raise EngineOverloadedError(f"{len(prompts)} requests do not fit the waiting queue")
         ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
         results: dict[str, RequestOutput] = {}
         tokens: dict[str, list[int]] = {i: [] for i in ids}

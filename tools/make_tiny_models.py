@@ -60,7 +60,7 @@ def build(out: Path) -> dict[str, Path]:
     with torch.no_grad():
         gen = torch.Generator().manual_seed(2)
         for p in noisy.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1 * p.std())
+            p.add_(torch.randn(p.shape, generator=gen) * 0.4 * p.std())
     small = make_llama(vocab, hidden=32, layers=1, seed=3, eos=eos)
     paths = {}
     for name, model in (("target", target), ("draft_noisy", noisy), ("draft_small", small)):

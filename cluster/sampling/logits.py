@@ -34,7 +34,7 @@ def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it is >= top_p.
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop |= mass_before >= top_p
+    drop = drop | (mass_before >= top_p)
     drop[..., 0] = False  # the most likely token always survives
     return scaled.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 

@@ -1,0 +1,128 @@
+"""Request handling through the engine API: bad input, stop conditions, streaming, cancel, drafter faults."""
+
+import pytest
+
+from cluster.config import DrafterConfig
+from cluster.drafters.base import Drafter
+from cluster.drafters.registry import build_drafter
+from cluster.engine import FinalDelta, SpecEngine
+from cluster.errors import EngineOverloadedError, InvalidRequestError, UnknownDrafterError
+from cluster.types import SamplingParams
+
+PROMPT = "class Parser:\n    def __init__(self, text):\n"
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine("model", k=4, draft="draft_noisy", max_model_len=64, max_tokens=100)
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", SamplingParams(max_tokens=4), "prompt"),
+        ([], SamplingParams(max_tokens=4), "prompt"),
+        ("word " * 200, SamplingParams(max_tokens=4), "prompt"),  # longer than max_model_len
+        ([10**9], SamplingParams(max_tokens=4), "prompt"),
+        (PROMPT, SamplingParams(max_tokens=0), "max_tokens"),
+        (PROMPT, SamplingParams(max_tokens=-3), "max_tokens"),
+        (PROMPT, SamplingParams(max_tokens=101), "max_tokens"),
+        (PROMPT, SamplingParams(max_tokens=4, temperature=-0.1), "temperature"),
+        (PROMPT, SamplingParams(max_tokens=4, temperature=float("nan")), "temperature"),
+        (PROMPT, SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+        (PROMPT, SamplingParams(max_tokens=4, top_p=1.5), "top_p"),
+        (PROMPT, SamplingParams(max_tokens=4, top_k=-1), "top_k"),
+        (PROMPT, SamplingParams(max_tokens=4, seed=-1), "seed"),
+        (PROMPT, SamplingParams(max_tokens=4, stop=("",)), "stop"),
+    ],
+)
+def test_bad_input_raises_typed_error_and_engine_stays_usable(engine, prompt, params, field):
+    with pytest.raises(InvalidRequestError) as err:
+        engine.generate([PROMPT, prompt], [SamplingParams(max_tokens=4), params])
+    assert err.value.field == field
+    assert not engine.has_unfinished()  # nothing half-queued
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=5))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_unknown_drafter_kind():
+    with pytest.raises(UnknownDrafterError, match="medusa"):
+        build_drafter(DrafterConfig(kind="medusa"), 1, 16, 100)
+
+
+def test_overload_is_typed(make_engine):
+    engine = make_engine("ngram", k=2, max_waiting=2)
+    engine.add_request(PROMPT)
+    engine.add_request(PROMPT)
+    with pytest.raises(EngineOverloadedError):
+        engine.add_request(PROMPT)
+
+
+def test_generation_stops_at_context_end(engine):
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=100))[0]
+    assert out.finish_reason in ("length", "eos")
+    assert out.prompt_tokens + len(out.token_ids) <= engine.max_model_len
+
+
+def test_stream_deltas_add_up_to_final_output(engine):
+    expected = engine.generate([PROMPT], SamplingParams(max_tokens=20))[0]
+    deltas = list(engine.stream(PROMPT, SamplingParams(max_tokens=20)))
+    assert isinstance(deltas[-1], FinalDelta) and all(d.finish_reason is None for d in deltas[:-1])
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert "".join(d.text for d in deltas) == expected.text == deltas[-1].full_text
+    assert len(deltas) > 1
+
+
+def test_stop_string_truncates_text_and_stream(engine):
+    full = engine.generate([PROMPT], SamplingParams(max_tokens=30))[0].text
+    stop = full[5:8]
+    assert stop and stop in full
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=30, stop=(stop,)))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)]
+    streamed = "".join(d.text for d in engine.stream(PROMPT, SamplingParams(max_tokens=30, stop=(stop,))))
+    assert streamed == out.text  # a held-back partial stop string is never streamed
+
+
+def test_closing_a_stream_cancels_and_frees_caches(engine):
+    stream = engine.stream(PROMPT, SamplingParams(max_tokens=50))
+    next(stream)
+    assert engine.target.cache.occupied == 1
+    stream.close()
+    assert engine.target.cache.occupied == 0 and engine.drafter.num_sequences == 0
+    assert not engine.has_unfinished()
+
+
+def test_abort_waiting_and_running(engine):
+    a = engine.add_request(PROMPT, SamplingParams(max_tokens=50))
+    engine.step()
+    b = engine.add_request(PROMPT, SamplingParams(max_tokens=50))
+    assert engine.abort(b) and engine.abort(a)
+    assert not engine.abort("no-such-request")
+    assert engine.target.cache.occupied == 0 and not engine.has_unfinished()
+
+
+class _FlakyDrafter(Drafter):
+    """Proposes a few good-looking tokens, then fails every call: stands in for a dead draft worker."""
+
+    def __init__(self, fail_after: int):
+        self.calls, self.fail_after = 0, fail_after
+
+    def propose(self, batch):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise RuntimeError("draft worker died")
+        from cluster.drafters.base import DraftProposal
+
+        return DraftProposal([[7] * r.k for r in batch])
+
+
+def test_failing_drafter_falls_back_to_exact_target_only(make_engine, caplog):
+    base = make_engine("ngram", k=0)
+    expected = base.generate([PROMPT, "import os\n"], SamplingParams(max_tokens=24))
+    flaky = make_engine("ngram", k=4)
+    flaky = SpecEngine(flaky.config, model=flaky.target.model, tokenizer=flaky.tokenizer, drafter=_FlakyDrafter(2))
+    outputs = flaky.generate([PROMPT, "import os\n"], SamplingParams(max_tokens=24))
+    assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
+    assert flaky.drafter is None  # disabled after repeated failures: target-only from then on
+    assert "drafter failed" in caplog.text

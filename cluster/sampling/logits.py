@@ -16,6 +16,8 @@ def process_logits(
     logits = logits.float()
     extra = (1,) * (logits.dim() - 2)  # broadcast per-row params over middle (position) dims
     greedy = (temperature == 0).view(-1, *extra, 1)
+    if bool(greedy.all()):  # the common serving case: skip softmax and filters entirely
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).view(-1, *extra, 1)
     scaled = logits / t
     if bool(((top_k > 0) | (top_p < 1)).any()):

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     spec_cfg.adaptive = args.adaptive
     spec = SpecEngine(config)
     base_config = dataclasses.replace(config, speculation=dataclasses.replace(spec_cfg, k=0))
-    base = SpecEngine(base_config, model=spec.target.model, tokenizer=spec.tokenizer)
+    base = SpecEngine(base_config, model=spec.target.runner.model, tokenizer=spec.tokenizer)
     prompts = load_prompts(spec.tokenizer, args.raw)
 
     for engine in (base, spec):  # warm-up: first calls allocate caches and pick kernels
@@ -122,11 +122,11 @@ def main(argv=None) -> dict:
         "greedy_exact": s["outputs"] == b["outputs"],
     }
     if not args.no_hf:
-        model, tok = spec.target.model, spec.tokenizer
+        model, tok = spec.target.runner.model, spec.tokenizer
         gen_cfg = model.generation_config
         gen_cfg.pad_token_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else tok.eos_token_id
         if config.drafter.kind == "model":
-            assisted = {"assistant_model": spec.drafter.runner.model}
+            assisted = {"assistant_model": spec.drafter.drafter.runner.model}
         else:
             assisted = {"prompt_lookup_num_tokens": max(spec_cfg.k, 1)}
         run_hf(model, tok, prompts[:1], 8)  # warm-up

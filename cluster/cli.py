@@ -10,7 +10,8 @@ import sys
 import time
 
 from cluster.config import load_config
-from cluster.engine import FinalDelta, SpecEngine
+from cluster.engine import SpecEngine
+from cluster.types import FinalDelta
 from cluster.errors import SpecDecError
 
 

@@ -81,3 +81,13 @@ class RequestOutput:
     text: str
     finish_reason: str
     stats: SpecStats = field(default_factory=SpecStats)
+
+
+@dataclass
+class FinalDelta(StreamDelta):
+    """The last delta of a request carries its totals."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stats: SpecStats = field(default_factory=SpecStats)
+    full_text: str = ""

@@ -63,7 +63,7 @@ def test_speculative_equals_target_only(make_engine, baseline, hf_target, kind, 
             assert out.text == base.text and out.finish_reason == base.finish_reason
     assert ties <= 1
     assert engine.stats.drafted > 0  # speculation really happened
-    assert engine.target.cache.occupied == 0  # every slot freed
+    assert engine.target.runner.cache.occupied == 0  # every slot freed
 
 
 def test_adaptive_k_stays_exact(make_engine, baseline):

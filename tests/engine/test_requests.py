@@ -5,7 +5,8 @@ import pytest
 from cluster.config import DrafterConfig
 from cluster.drafters.base import Drafter
 from cluster.drafters.registry import build_drafter
-from cluster.engine import FinalDelta, SpecEngine
+from cluster.engine import SpecEngine
+from cluster.types import FinalDelta
 from cluster.errors import EngineOverloadedError, InvalidRequestError, UnknownDrafterError
 from cluster.types import SamplingParams
 
@@ -87,9 +88,9 @@ def test_stop_string_truncates_text_and_stream(engine):
 def test_closing_a_stream_cancels_and_frees_caches(engine):
     stream = engine.stream(PROMPT, SamplingParams(max_tokens=50))
     next(stream)
-    assert engine.target.cache.occupied == 1
+    assert engine.target.runner.cache.occupied == 1
     stream.close()
-    assert engine.target.cache.occupied == 0 and engine.drafter.num_sequences == 0
+    assert engine.target.runner.cache.occupied == 0 and engine.drafter.num_sequences == 0
     assert not engine.has_unfinished()
 
 
@@ -99,7 +100,7 @@ def test_abort_waiting_and_running(engine):
     b = engine.add_request(PROMPT, SamplingParams(max_tokens=50))
     assert engine.abort(b) and engine.abort(a)
     assert not engine.abort("no-such-request")
-    assert engine.target.cache.occupied == 0 and not engine.has_unfinished()
+    assert engine.target.runner.cache.occupied == 0 and not engine.has_unfinished()
 
 
 class _FlakyDrafter(Drafter):
@@ -121,7 +122,7 @@ def test_failing_drafter_falls_back_to_exact_target_only(make_engine, caplog):
     base = make_engine("ngram", k=0)
     expected = base.generate([PROMPT, "import os\n"], SamplingParams(max_tokens=24))
     flaky = make_engine("ngram", k=4)
-    flaky = SpecEngine(flaky.config, model=flaky.target.model, tokenizer=flaky.tokenizer, drafter=_FlakyDrafter(2))
+    flaky = SpecEngine(flaky.config, model=flaky.target.runner.model, tokenizer=flaky.tokenizer, drafter=_FlakyDrafter(2))
     outputs = flaky.generate([PROMPT, "import os\n"], SamplingParams(max_tokens=24))
     assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
     assert flaky.drafter is None  # disabled after repeated failures: target-only from then on

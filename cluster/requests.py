@@ -1,0 +1,117 @@
+"""Per-request bookkeeping shared by the in-process engine and the Ray router: validation and
+tokenisation in, stop conditions and streamed text out. No model code."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from cluster.errors import InvalidRequestError
+from cluster.text import find_stop, holdback
+from cluster.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FinalDelta, SamplingParams, SpecStats, StreamDelta
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    params: SamplingParams
+    seed: int
+    tokens: list[int]  # prompt + output
+    num_prompt: int
+    k: int  # current draft length
+    stats: SpecStats = field(default_factory=SpecStats)
+    sent_chars: int = 0  # text already streamed
+    draft_synced: int = 0  # tokens the draft worker has been sent
+    finish_reason: str | None = None
+    target: int = -1  # pinned target replica (router)
+    drafter: int = -1  # pinned draft worker (router); -1: none
+    arrival: float = 0.0
+    first_token_at: float | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+
+class RequestBuilder:
+    """Validate a request and turn it into a Sequence. Raises InvalidRequestError naming the field."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_tokens: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.max_model_len, self.max_tokens = max_model_len, max_tokens
+
+    def build(self, prompt: str | list[int], params: SamplingParams, k: int, request_id: str | None = None) -> Sequence:
+        params = params.validate(self.max_tokens)
+        tokens = self.tokenize(prompt)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        return Sequence(request_id or uuid.uuid4().hex, params, seed, tokens, len(tokens), k)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            tokens = self.tokenizer.encode(prompt)
+        else:
+            tokens = list(prompt)
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in tokens):
+                raise InvalidRequestError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+        if not tokens:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(tokens) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(tokens)} tokens; at most {self.max_model_len - 1} fit the model's context"
+            )
+        return tokens
+
+
+class OutputProcessor:
+    """Append accepted tokens up to the first stop condition and produce the stream delta."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], max_model_len: int):
+        self.tokenizer, self.eos_ids, self.max_model_len = tokenizer, eos_ids, max_model_len
+
+    def draft_len(self, seq: Sequence) -> int:
+        """Never draft past what the request may still emit, nor past the context."""
+        remaining = seq.params.max_tokens - len(seq.output_ids) - 1
+        room = self.max_model_len - len(seq.tokens) - 1
+        return max(0, min(seq.k, remaining, room))
+
+    def append(self, seq: Sequence, new_tokens: list[int]) -> StreamDelta:
+        params, added, stop_at = seq.params, [], -1
+        for token in new_tokens:
+            seq.tokens.append(token)
+            added.append(token)
+            if token in self.eos_ids:
+                seq.finish_reason = FINISH_EOS
+            elif len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+                seq.finish_reason = FINISH_LENGTH
+            elif params.stop:
+                stop_at = find_stop(self.decode(seq), params.stop, max(0, seq.sent_chars - 64))
+                if stop_at >= 0:
+                    seq.finish_reason = FINISH_STOP
+            if seq.finish_reason:
+                break
+        text = self.decode(seq)
+        if stop_at >= 0:
+            text = text[:stop_at]
+        visible = len(text) if seq.finish_reason else len(text) - holdback(text, params.stop)
+        piece = text[seq.sent_chars : visible] if visible > seq.sent_chars else ""
+        seq.sent_chars = max(seq.sent_chars, visible)
+        if seq.finish_reason:
+            return FinalDelta(seq.request_id, added, piece, seq.finish_reason, seq.num_prompt,
+                              len(seq.output_ids), seq.stats, text)
+        return StreamDelta(seq.request_id, added, piece)
+
+    def decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+
+
+def eos_ids(model_config_or_model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    config = getattr(model_config_or_model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--k", type=int, default=None, help="draft length (default: from config)")
     parser.add_argument("--adaptive", action="store_true", help="adapt K per request (default: fixed K)")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate rows")
     parser.add_argument("--json", action="store_true")
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
     spec = SpecEngine(config)
     base_config = dataclasses.replace(config, speculation=dataclasses.replace(spec_cfg, k=0))
     base = SpecEngine(base_config, model=spec.target.runner.model, tokenizer=spec.tokenizer)
-    prompts = load_prompts(spec.tokenizer, args.raw)
+    prompts = load_prompts(spec.tokenizer, args.raw)[: args.limit]
 
     for engine in (base, spec):  # warm-up: first calls allocate caches and pick kernels
         engine.generate([prompts[0]], SamplingParams(max_tokens=8))

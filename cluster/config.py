@@ -85,18 +85,53 @@ class LimitsConfig:
 
 
 @dataclass
+class PoolConfig:
+    """A pool of Ray actors of one kind and where they may be placed."""
+
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None  # e.g. "L4" for drafts, "H100" for targets
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {"draft_gpu": 1}
+    torch_threads: int = 0  # 0: torch's default
+
+    def validate(self, key: str) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"{key}.replicas: must be >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0 or any(v < 0 for v in self.resources.values()):
+            raise ConfigError(f"{key}: resource amounts must be >= 0")
+
+
+@dataclass
+class ClusterConfig:
+    target_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"target_node": 1}))
+    draft_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"draft_node": 1}))
+    pipelining: bool = True  # draft one group of requests while the target verifies the other
+    draft_timeout_s: float = 30.0  # a draft later than this is dropped: that step runs without drafts
+    metrics_port: int = 0  # serve Prometheus metrics on this port; 0: off
+
+    def validate(self, key: str) -> None:
+        self.target_pool.validate(f"{key}.target_pool")
+        self.draft_pool.validate(f"{key}.draft_pool")
+        if self.draft_timeout_s <= 0:
+            raise ConfigError(f"{key}.draft_timeout_s: must be > 0")
+
+
+@dataclass
 class EngineConfig:
     target: ModelConfig = field(default_factory=ModelConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self, check_paths: bool = True) -> EngineConfig:
         self.target.validate("target")
         self.drafter.validate("drafter")
         self.speculation.validate("speculation")
         self.limits.validate("limits")
+        self.cluster.validate("cluster")
         if check_paths:
             _check_model_dir("target", self.target)
             if self.drafter.kind == "model":
@@ -134,6 +169,11 @@ def _coerce(tp, value, key: str):
         tp = next(a for a in args if a is not type(None))
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if typing.get_origin(tp) is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

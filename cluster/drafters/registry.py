@@ -10,7 +10,7 @@ DRAFTERS = {
 }
 
 
-def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_vocab: int):
+def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_vocab: int, device: str = "cpu"):
     """Instantiate the drafter named by `cfg.kind` (imports model code only when it is needed)."""
     cfg.validate("drafter")
     if cfg.kind == "ngram":
@@ -21,7 +21,7 @@ def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_voca
     from cluster.models.loader import load_model
     from cluster.models.runner import ModelRunner
 
-    runner = ModelRunner(load_model(cfg.model), num_slots, capacity)
+    runner = ModelRunner(load_model(cfg.model, device), num_slots, capacity)
     if runner.vocab_size != target_vocab:
         raise ValueError(f"drafter.model: vocabulary {runner.vocab_size} != target's {target_vocab}")
     return ModelDrafter(runner)

@@ -31,8 +31,10 @@ class DraftItem:
 
 class DraftWorker:
     def __init__(self, cfg: DrafterConfig | None, num_slots: int, capacity: int, target_vocab: int,
-                 drafter: Drafter | None = None):
-        self.drafter = drafter if drafter is not None else build_drafter(cfg, num_slots, capacity, target_vocab)
+                 drafter: Drafter | None = None, device: str = "cpu"):
+        if drafter is None:
+            drafter = build_drafter(cfg, num_slots, capacity, target_vocab, device)
+        self.drafter = drafter
         self.tokens: dict[str, list[int]] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.busy_s = 0.0

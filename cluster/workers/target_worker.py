@@ -14,6 +14,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.models.loader import load_model
 from cluster.models.runner import ModelRunner
+from cluster.requests import eos_ids
 from cluster.sampling.acceptance import verify_draft
 from cluster.sampling.logits import process_logits, sample_from
 from cluster.types import SamplingParams
@@ -44,8 +45,10 @@ class _TargetSeq:
 
 
 class TargetWorker:
-    def __init__(self, model_cfg: ModelConfig, num_slots: int, capacity: int, model: torch.nn.Module | None = None):
-        self.runner = ModelRunner(model if model is not None else load_model(model_cfg), num_slots, capacity)
+    def __init__(self, model_cfg: ModelConfig, num_slots: int, capacity: int, model: torch.nn.Module | None = None,
+                 device: str = "cpu"):
+        model = model if model is not None else load_model(model_cfg, device)
+        self.runner = ModelRunner(model, num_slots, capacity)
         self.seqs: dict[str, _TargetSeq] = {}
         self.busy_s = 0.0  # time spent in forward passes: utilisation = busy_s / wall time
         self.passes = 0
@@ -112,6 +115,11 @@ class TargetWorker:
         self._account(start)
         return results
 
+    def verify_timed(self, items: list[VerifyItem]) -> tuple[list[tuple[int, int]], float]:
+        """verify(), plus the seconds this worker computed: the router's overhead is the rest."""
+        busy = self.busy_s
+        return self.verify(items), self.busy_s - busy
+
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:
             seq = self.seqs.pop(seq_id, None)
@@ -127,6 +135,11 @@ class TargetWorker:
     def max_context(self) -> int | None:
         return getattr(self.runner.model.config, "max_position_embeddings", None)
 
+    def info(self) -> dict:
+        model = self.runner.model
+        return {"vocab_size": self.vocab_size, "max_context": self.max_context,
+                "eos_ids": sorted(eos_ids(model, _NoTokenizer()))}
+
     def load(self) -> dict:
         return {"sequences": len(self.seqs), "free_slots": self.runner.cache.num_free,
                 "cache_occupied": self.runner.cache.occupied, "busy_s": self.busy_s, "passes": self.passes}
@@ -137,6 +150,10 @@ class TargetWorker:
     def _account(self, start: float) -> None:
         self.busy_s += time.perf_counter() - start
         self.passes += 1
+
+
+class _NoTokenizer:
+    eos_token_id = None  # the worker reads EOS from the model's generation config; the router adds the tokenizer's
 
 
 def _process(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -1,0 +1,337 @@
+"""The router: continuous batching over Ray worker actors, with drafts pipelined across request groups.
+
+Each running request is in one of two phases: it has drafts in hand ("ready") or it needs drafting.
+One `step()` reads top to bottom:
+  1. admit: pin new requests to the least-loaded target replica and draft worker; prefill them;
+     each joins whichever phase has fewer requests, so the two groups stay balanced;
+  2. launch verification of the ready group: one batched call per target replica;
+  3. launch drafting of the other group: one batched call per draft worker, running meanwhile;
+  4. collect verification: append accepted tokens, stream, adapt K; verified requests need drafts;
+  5. collect drafts (late ones are dropped: that request's next verify runs without drafts);
+  6. retire finished requests and free their caches on every actor.
+With pipelining off, step 3 runs and completes before step 2, so the target waits for the drafts.
+Per-step calls go straight to actors and carry token ids (plus q for sampled requests).
+Faults: a dead draft worker costs only speed (its requests verify without drafts until a replacement
+answers); a dead target replica's requests are re-prefilled on another from the tokens already emitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayError
+
+from cluster.adaptive_k import next_k
+from cluster.config import EngineConfig
+from cluster.engine import collect
+from cluster.errors import EngineOverloadedError
+from cluster.metrics import RouterMetrics
+from cluster.models.loader import load_tokenizer
+from cluster.requests import OutputProcessor, RequestBuilder, Sequence
+from cluster.router.pools import WorkerPool
+from cluster.types import FINISH_CANCELLED, RequestOutput, SamplingParams, StreamDelta
+from cluster.workers.actors import start_draft_actor, start_target_actor
+from cluster.workers.draft_worker import DraftItem
+from cluster.workers.target_worker import PrefillItem, VerifyItem
+
+log = logging.getLogger(__name__)
+
+Draft = tuple[list[int], torch.Tensor | None]
+NO_DRAFT: Draft = ([], None)
+
+
+class Router:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        spec, limits, cluster = config.speculation, config.limits, config.cluster
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
+        self.slots = limits.max_batch_size  # per target replica (and per draft worker)
+        self._capacity = limits.max_model_len + spec.k_max + 1  # a verify may run K+1 past the last token
+        self.drafts: WorkerPool | None = None
+        self.targets = WorkerPool(
+            "target", lambda i: start_target_actor(cluster.target_pool, config.target, self.slots, self._capacity),
+            cluster.target_pool.replicas,
+        )
+        info = ray.get(self.targets.handles[0].info.remote())  # vocabulary, context, EOS: from the model itself
+        self.max_model_len = min(limits.max_model_len, info["max_context"] or limits.max_model_len)
+        self.vocab_size = info["vocab_size"]
+        if spec.k > 0:
+            self.drafts = WorkerPool(
+                "draft",
+                lambda i: start_draft_actor(cluster.draft_pool, config.drafter, self.slots, self._capacity,
+                                            self.vocab_size),
+                cluster.draft_pool.replicas,
+            )
+        self.requests = RequestBuilder(self.tokenizer, self.vocab_size, self.max_model_len, limits.max_tokens)
+        eos = set(info["eos_ids"]) | ({self.tokenizer.eos_token_id} - {None})
+        self.output = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._drafts: dict[str, Draft | None] = {}  # None: needs drafting
+        self.metrics = RouterMetrics(config.drafter.kind if spec.k > 0 else "none")
+        if cluster.metrics_port:
+            self.metrics.serve(cluster.metrics_port)
+        self.steps = 0
+        self.overhead_s = 0.0  # step wall time not spent computing on the target
+        self._started = time.perf_counter()
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        self.targets.wait_ready(timeout)
+        if self.drafts is not None:
+            self.drafts.wait_ready(timeout)
+
+    # --- requests -------------------------------------------------------------------------------
+    def default_params(self, **overrides) -> SamplingParams:
+        d = self.config.sampling
+        return SamplingParams(**{**dict(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
+                                        top_k=d.top_k), **overrides})
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        k = self.config.speculation.k if self.drafts is not None else 0
+        seq = self.requests.build(prompt, params or self.default_params(), k, request_id)
+        if len(self.waiting) >= self.config.limits.max_waiting:
+            raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
+        seq.arrival = time.perf_counter()
+        self.waiting.append(seq)
+        self.metrics.queue_depth.set(len(self.waiting))
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its caches are freed on every actor at once."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = FINISH_CANCELLED
+                self._retire()
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        for prompt, p in zip(prompts, plist):  # validate all first: nothing half-queued on error
+            self.requests.build(prompt, p or self.default_params(), 0)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
+        return collect(self.step, ids)
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self) -> list[StreamDelta]:
+        start = time.perf_counter()
+        deltas: list[StreamDelta] = []
+        self._admit(deltas)  # 1
+        if not self.config.cluster.pipelining:
+            self._collect_drafts(self._launch_drafts(self._needs_draft()))
+        verify_calls = self._launch_verify([s for s in self.running if self._drafts[s.request_id] is not None])  # 2
+        draft_calls = self._launch_drafts(self._needs_draft())  # 3
+        verify_compute = self._collect_verify(verify_calls, deltas)  # 4
+        self._collect_drafts(draft_calls)  # 5
+        self._retire()  # 6
+        wall = time.perf_counter() - start
+        if verify_calls:
+            self.steps += 1
+            self.overhead_s += max(0.0, wall - verify_compute)
+            self.metrics.step_seconds.labels("verify").observe(verify_compute)
+            self.metrics.step_seconds.labels("overhead").observe(max(0.0, wall - verify_compute))
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.running.set(len(self.running))
+        return deltas
+
+    def _needs_draft(self) -> list[Sequence]:
+        return [s for s in self.running if self._drafts[s.request_id] is None]
+
+    def _admit(self, deltas: list[StreamDelta]) -> None:
+        new: list[Sequence] = []
+        while self.waiting:
+            target = self.targets.least_loaded(limit=self.slots)
+            if target < 0:
+                break
+            seq = self.waiting.popleft()
+            seq.target = target
+            self.targets.pinned[target] += 1
+            if self.drafts is not None:
+                seq.drafter = self.drafts.least_loaded(limit=self.slots, ready_only=False)
+                if seq.drafter >= 0:
+                    self.drafts.pinned[seq.drafter] += 1
+            new.append(seq)
+        if not new:
+            return
+        first = self._prefill(new, resume=False)
+        ready = sum(1 for d in self._drafts.values() if d is not None)
+        for seq in new:
+            if seq.request_id not in first:  # its replica died during prefill: it was re-queued
+                continue
+            seq.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(seq.first_token_at - seq.arrival)
+            self.running.append(seq)
+            deltas.append(self.output.append(seq, [first[seq.request_id]]))
+            # Join the smaller phase so drafting of one group overlaps verification of the other.
+            needs = len(self._drafts) - ready
+            join_ready = self.config.cluster.pipelining and ready <= needs
+            self._drafts[seq.request_id] = NO_DRAFT if join_ready else None
+            ready += self._drafts[seq.request_id] is not None
+
+    def _prefill(self, seqs: list[Sequence], resume: bool) -> dict[str, int]:
+        """Prefill on each sequence's pinned replica; returns first tokens (new requests only)."""
+        calls = {}
+        for replica in sorted({s.target for s in seqs}):
+            group = [s for s in seqs if s.target == replica]
+            items = [PrefillItem(s.request_id, s.tokens, s.params, s.seed, resume) for s in group]
+            calls[replica] = (group, self.targets.handles[replica].prefill.remote(items))
+        first: dict[str, int] = {}
+        for replica, (group, ref) in calls.items():
+            try:
+                for seq, token in zip(group, ray.get(ref)):
+                    if token is not None:
+                        first[seq.request_id] = token
+            except RayActorError:
+                self._target_failed(replica, group_in_flight=group, resume=resume)
+        return first
+
+    def _launch_verify(self, ready: list[Sequence]) -> dict[int, tuple[list[Sequence], ray.ObjectRef]]:
+        calls = {}
+        for replica in sorted({s.target for s in ready}):
+            group = [s for s in ready if s.target == replica]
+            items = [VerifyItem(s.request_id, *self._drafts[s.request_id]) for s in group]
+            calls[replica] = (group, self.targets.handles[replica].verify_timed.remote(items))
+        return calls
+
+    def _collect_verify(self, calls, deltas: list[StreamDelta]) -> float:
+        """Apply verification results; returns the longest replica compute time of this step."""
+        spec, compute = self.config.speculation, 0.0
+        for replica, (group, ref) in calls.items():
+            try:
+                results, busy = ray.get(ref)
+            except RayActorError:
+                self._target_failed(replica)
+                continue
+            compute = max(compute, busy)
+            for seq, (n, token) in zip(group, results):
+                draft = self._drafts[seq.request_id][0]
+                seq.stats.steps += 1
+                seq.stats.drafted += len(draft)
+                seq.stats.accepted += n
+                self.metrics.observe_verify(len(draft), n)
+                if seq.drafter >= 0 and spec.adaptive:
+                    seq.k = next_k(seq.k, len(draft), n, spec.k_min, spec.k_max)
+                delta = self.output.append(seq, draft[:n] + [token])
+                self.metrics.tokens.inc(len(delta.token_ids))
+                deltas.append(delta)
+                self._drafts[seq.request_id] = None
+        return compute
+
+    def _launch_drafts(self, needs: list[Sequence]) -> dict[int, tuple[list[Sequence], list[int], ray.ObjectRef]]:
+        calls, by_worker = {}, {}
+        for seq in needs:
+            k = self.output.draft_len(seq)
+            if k == 0 or seq.drafter < 0 or not self.drafts.is_ready(seq.drafter):
+                self._drafts[seq.request_id] = NO_DRAFT  # verify without drafts: exact, just slower
+                continue
+            by_worker.setdefault(seq.drafter, []).append((seq, k))
+        for worker, pairs in by_worker.items():
+            items = [DraftItem(s.request_id, s.draft_synced, s.tokens[s.draft_synced:], k, s.params, s.seed)
+                     for s, k in pairs]
+            group = [s for s, _ in pairs]
+            calls[worker] = (group, [len(s.tokens) for s in group], self.drafts.handles[worker].propose.remote(items))
+        return calls
+
+    def _collect_drafts(self, calls) -> None:
+        if not calls:
+            return
+        refs = [ref for _, _, ref in calls.values()]
+        start = time.perf_counter()
+        ray.wait(refs, num_returns=len(refs), timeout=self.config.cluster.draft_timeout_s)
+        self.metrics.step_seconds.labels("draft_wait").observe(time.perf_counter() - start)
+        for worker, (group, synced, ref) in calls.items():
+            try:
+                proposal = ray.get(ref, timeout=0)
+                for row, (seq, n_synced) in enumerate(zip(group, synced)):
+                    tokens = proposal.tokens[row][: self.output.draft_len(seq)]
+                    probs = None if proposal.probs is None else proposal.probs[row, : len(tokens)]
+                    self._drafts[seq.request_id] = (tokens, probs)
+                    seq.draft_synced = n_synced
+                continue
+            except RayActorError:
+                self._draft_failed(worker)
+            except (RayError, TimeoutError) as e:  # a late or failed draft: this step goes without
+                log.warning("draft worker %d: %s; verifying without drafts", worker, type(e).__name__)
+            for seq in group:
+                self._drafts[seq.request_id] = NO_DRAFT
+                seq.draft_synced = 0  # unknown state over there: resend everything next time
+
+    # --- faults ---------------------------------------------------------------------------------
+    def _draft_failed(self, worker: int) -> None:
+        log.error("draft worker %d died; its requests verify without drafts until it is replaced", worker)
+        self.metrics.failovers.labels("draft").inc()
+        self.drafts.replace(worker)
+        for seq in self.running:
+            if seq.drafter == worker:
+                seq.draft_synced = 0
+
+    def _target_failed(self, replica: int, group_in_flight: list[Sequence] | None = None, resume: bool = True) -> None:
+        """Move every request on a dead replica to live ones and re-prefill from the tokens emitted."""
+        log.error("target replica %d died; re-prefilling its requests elsewhere", replica)
+        self.metrics.failovers.labels("target").inc()
+        self.targets.replace(replica)
+        self.targets.pinned[replica] = 0
+        moved = [s for s in self.running if s.target == replica]
+        if group_in_flight and not resume:  # new requests whose prefill died: queue them again, first
+            for seq in reversed(group_in_flight):
+                self.waiting.appendleft(seq)
+        if not moved:
+            return
+        for seq in moved:
+            seq.target = self.targets.least_loaded(limit=self.slots)
+            if seq.target < 0:  # no other replica ready: wait for the replacement
+                self.targets.wait_ready()
+                seq.target = self.targets.least_loaded(limit=self.slots)
+            self.targets.pinned[seq.target] += 1
+            self._drafts[seq.request_id] = NO_DRAFT  # anything in flight for it is gone
+        self._prefill(moved, resume=True)
+
+    # --- retire ---------------------------------------------------------------------------------
+    def _retire(self) -> None:
+        done = [s for s in self.running if s.finish_reason]
+        if not done:
+            return
+        self.running = [s for s in self.running if not s.finish_reason]
+        now = time.perf_counter()
+        for seq in done:
+            self._drafts.pop(seq.request_id, None)
+            self.targets.pinned[seq.target] -= 1
+            self.targets.handles[seq.target].release.remote([seq.request_id])
+            if seq.drafter >= 0:
+                self.drafts.pinned[seq.drafter] -= 1
+                self.drafts.handles[seq.drafter].release.remote([seq.request_id])
+            self.metrics.requests.labels(seq.finish_reason).inc()
+            n = len(seq.output_ids)
+            if seq.first_token_at is not None and n > 1:
+                self.metrics.tpot.observe((now - seq.first_token_at) / (n - 1))
+
+    # --- state ----------------------------------------------------------------------------------
+    def worker_loads(self) -> dict[str, list[dict]]:
+        """Each actor's own account: sequences held, cache slots in use, compute time."""
+        loads = {"target": ray.get([h.load.remote() for h in self.targets.handles])}
+        if self.drafts is not None:
+            loads["draft"] = ray.get([h.load.remote() for h in self.drafts.handles])
+        return loads
+
+    def target_utilization(self, since: float | None = None, busy_before: float = 0.0) -> float:
+        wall = time.perf_counter() - (since if since is not None else self._started)
+        busy = sum(load["busy_s"] for load in self.worker_loads()["target"]) - busy_before
+        fraction = busy / (wall * len(self.targets))
+        self.metrics.target_busy.set(fraction)
+        return fraction
+
+    def shutdown(self) -> None:
+        for pool in (self.targets, self.drafts):
+            for handle in pool.handles if pool is not None else []:
+                ray.kill(handle)

@@ -55,12 +55,17 @@ class SpeculationConfig:
     k_min: int = 1  # adaptive K never goes below this (unless k == 0)
     k_max: int = 8
     adaptive: bool = True  # adapt K per request from its recent acceptance
+    # Tokens one verify pass may carry (each request's pending token + its drafts): K shrinks as the batch
+    # grows, to 0 once plain decoding alone fills the pass. ~the hardware's memory-bound knee; 0: unlimited.
+    verify_token_budget: int = 0
 
     def validate(self, key: str) -> None:
         if not 0 <= self.k_min <= self.k_max:
             raise ConfigError(f"{key}.k_min/k_max: need 0 <= k_min <= k_max")
         if not 0 <= self.k <= self.k_max:
             raise ConfigError(f"{key}.k: {self.k} outside [0, k_max={self.k_max}]")
+        if self.verify_token_budget < 0:
+            raise ConfigError(f"{key}.verify_token_budget: must be >= 0")
 
 
 @dataclass
@@ -93,7 +98,7 @@ class PoolConfig:
     num_gpus: float = 0.0
     accelerator_type: str | None = None  # e.g. "L4" for drafts, "H100" for targets
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {"draft_gpu": 1}
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # 0: every core of the node (Ray would otherwise give torch num_cpus threads)
 
     def validate(self, key: str) -> None:
         if self.replicas < 1:
@@ -106,7 +111,8 @@ class PoolConfig:
 class ClusterConfig:
     target_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"target_node": 1}))
     draft_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"draft_node": 1}))
-    pipelining: bool = True  # draft one group of requests while the target verifies the other
+    pipelining: bool = True  # draft one group of requests while the target verifies the other ...
+    pipeline_min_draft_ratio: float = 0.1  # ... while draft time >= this x verify time (0: always)
     draft_timeout_s: float = 30.0  # a draft later than this is dropped: that step runs without drafts
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: off
 

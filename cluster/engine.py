@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.adaptive_k import next_k
+from cluster.adaptive_k import fit_budget, next_k
 from cluster.config import EngineConfig
 from cluster.drafters.base import Drafter
 from cluster.errors import EngineOverloadedError, InvalidRequestError
@@ -144,7 +144,7 @@ class SpecEngine:
     def _draft(self, batch: list[Sequence]) -> list[tuple[list[int], torch.Tensor | None]]:
         """Up to K tokens per request, with q where the drafter has one. A failing drafter costs only speed."""
         none: list[tuple[list[int], torch.Tensor | None]] = [([], None) for _ in batch]
-        ks = [self.output.draft_len(s) for s in batch]
+        ks = fit_budget([self.output.draft_len(s) for s in batch], self.config.speculation.verify_token_budget)
         rows = [i for i, k in enumerate(ks) if k > 0]
         if self.drafter is None or not rows:
             return none

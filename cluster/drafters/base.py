@@ -29,6 +29,7 @@ class DraftRequest:
 class DraftProposal:
     tokens: list[list[int]]  # per request, 0..k tokens
     probs: torch.Tensor | None = None  # [B, K_max, V] processed q, or None: deterministic (one-hot q)
+    compute_s: float = 0.0  # time the draft worker spent on this call (the router's pipelining policy reads it)
 
 
 class Drafter(ABC):

@@ -9,7 +9,10 @@ One `step()` reads top to bottom:
   4. collect verification: append accepted tokens, stream, adapt K; verified requests need drafts;
   5. collect drafts (late ones are dropped: that request's next verify runs without drafts);
   6. retire finished requests and free their caches on every actor.
-With pipelining off, step 3 runs and completes before step 2, so the target waits for the drafts.
+Pipelining pays only while drafting costs a real fraction of a verify pass: otherwise it just halves
+how often each request is verified. So the router pipelines while the measured draft time is at least
+`pipeline_min_draft_ratio` x the verify time, and otherwise (or with pipelining off) runs step 3 to
+completion before step 2, verifying every request every step.
 Per-step calls go straight to actors and carry token ids (plus q for sampled requests).
 Faults: a dead draft worker costs only speed (its requests verify without drafts until a replacement
 answers); a dead target replica's requests are re-prefilled on another from the tokens already emitted.
@@ -25,7 +28,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 
-from cluster.adaptive_k import next_k
+from cluster.adaptive_k import fit_budget, next_k
 from cluster.config import EngineConfig
 from cluster.engine import collect
 from cluster.errors import EngineOverloadedError
@@ -77,6 +80,7 @@ class Router:
             self.metrics.serve(cluster.metrics_port)
         self.steps = 0
         self.overhead_s = 0.0  # step wall time not spent computing on the target
+        self._draft_ema = self._verify_ema = 0.0  # seconds per call, for the pipelining policy
         self._started = time.perf_counter()
 
     def wait_ready(self, timeout: float = 600.0) -> None:
@@ -127,28 +131,46 @@ class Router:
     def step(self) -> list[StreamDelta]:
         start = time.perf_counter()
         deltas: list[StreamDelta] = []
-        self._admit(deltas)  # 1
-        if not self.config.cluster.pipelining:
+        prefill_s = self._admit(deltas)  # 1
+        if self.pipelining():
+            self._balance_phases()
+        else:  # draft everyone first: one verify group, the target waits for drafts
             self._collect_drafts(self._launch_drafts(self._needs_draft()))
         verify_calls = self._launch_verify([s for s in self.running if self._drafts[s.request_id] is not None])  # 2
         draft_calls = self._launch_drafts(self._needs_draft())  # 3
         verify_compute = self._collect_verify(verify_calls, deltas)  # 4
         self._collect_drafts(draft_calls)  # 5
         self._retire()  # 6
-        wall = time.perf_counter() - start
+        overhead = max(0.0, time.perf_counter() - start - prefill_s - verify_compute)
         if verify_calls:
             self.steps += 1
-            self.overhead_s += max(0.0, wall - verify_compute)
+            self.overhead_s += overhead
             self.metrics.step_seconds.labels("verify").observe(verify_compute)
-            self.metrics.step_seconds.labels("overhead").observe(max(0.0, wall - verify_compute))
+            self.metrics.step_seconds.labels("overhead").observe(overhead)
+            self._verify_ema = _ema(self._verify_ema, verify_compute)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.running))
         return deltas
 
+    def pipelining(self) -> bool:
+        """Pipeline while drafts cost enough to be worth overlapping (measured, smoothed)."""
+        cluster = self.config.cluster
+        if not cluster.pipelining or self.drafts is None:
+            return False
+        return self._draft_ema >= cluster.pipeline_min_draft_ratio * self._verify_ema
+
+    def _balance_phases(self) -> None:
+        """Keep the two groups about equal: move extra requests that need drafts to verify without."""
+        needs = self._needs_draft()
+        ready = len(self.running) - len(needs)
+        for seq in needs[: max(0, (len(needs) - ready) // 2)]:
+            self._drafts[seq.request_id] = NO_DRAFT
+
     def _needs_draft(self) -> list[Sequence]:
         return [s for s in self.running if self._drafts[s.request_id] is None]
 
-    def _admit(self, deltas: list[StreamDelta]) -> None:
+    def _admit(self, deltas: list[StreamDelta]) -> float:
+        """Pin and prefill new requests; returns the seconds spent prefilling."""
         new: list[Sequence] = []
         while self.waiting:
             target = self.targets.least_loaded(limit=self.slots)
@@ -163,9 +185,10 @@ class Router:
                     self.drafts.pinned[seq.drafter] += 1
             new.append(seq)
         if not new:
-            return
+            return 0.0
+        start = time.perf_counter()
         first = self._prefill(new, resume=False)
-        ready = sum(1 for d in self._drafts.values() if d is not None)
+        prefill_s = time.perf_counter() - start
         for seq in new:
             if seq.request_id not in first:  # its replica died during prefill: it was re-queued
                 continue
@@ -173,11 +196,8 @@ class Router:
             self.metrics.ttft.observe(seq.first_token_at - seq.arrival)
             self.running.append(seq)
             deltas.append(self.output.append(seq, [first[seq.request_id]]))
-            # Join the smaller phase so drafting of one group overlaps verification of the other.
-            needs = len(self._drafts) - ready
-            join_ready = self.config.cluster.pipelining and ready <= needs
-            self._drafts[seq.request_id] = NO_DRAFT if join_ready else None
-            ready += self._drafts[seq.request_id] is not None
+            self._drafts[seq.request_id] = None  # needs drafting; _balance_phases splits the groups
+        return prefill_s
 
     def _prefill(self, seqs: list[Sequence], resume: bool) -> dict[str, int]:
         """Prefill on each sequence's pinned replica; returns first tokens (new requests only)."""
@@ -230,8 +250,9 @@ class Router:
 
     def _launch_drafts(self, needs: list[Sequence]) -> dict[int, tuple[list[Sequence], list[int], ray.ObjectRef]]:
         calls, by_worker = {}, {}
-        for seq in needs:
-            k = self.output.draft_len(seq)
+        # These requests are verified together in one pass (with pipelining, as one of the two groups).
+        ks = fit_budget([self.output.draft_len(s) for s in needs], self.config.speculation.verify_token_budget)
+        for seq, k in zip(needs, ks):
             if k == 0 or seq.drafter < 0 or not self.drafts.is_ready(seq.drafter):
                 self._drafts[seq.request_id] = NO_DRAFT  # verify without drafts: exact, just slower
                 continue
@@ -253,6 +274,7 @@ class Router:
         for worker, (group, synced, ref) in calls.items():
             try:
                 proposal = ray.get(ref, timeout=0)
+                self._draft_ema = _ema(self._draft_ema, proposal.compute_s)
                 for row, (seq, n_synced) in enumerate(zip(group, synced)):
                     tokens = proposal.tokens[row][: self.output.draft_len(seq)]
                     probs = None if proposal.probs is None else proposal.probs[row, : len(tokens)]
@@ -335,3 +357,7 @@ class Router:
         for pool in (self.targets, self.drafts):
             for handle in pool.handles if pool is not None else []:
                 ray.kill(handle)
+
+
+def _ema(previous: float, value: float, weight: float = 0.2) -> float:
+    return value if previous == 0.0 else (1 - weight) * previous + weight * value

@@ -3,6 +3,8 @@ comes from the pool's config, so one config puts drafts on cheap GPUs and target
 
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
@@ -28,8 +30,9 @@ class _Placed:
 
 
 def _setup(pool: PoolConfig) -> str:
-    if pool.torch_threads:
-        torch.set_num_threads(pool.torch_threads)
+    # Ray sets OMP_NUM_THREADS from the actor's num_cpus (1 when 0), which starves a CPU model: by
+    # default a model actor uses every core of its node.
+    torch.set_num_threads(pool.torch_threads or os.cpu_count() or 1)
     return "cuda" if pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 

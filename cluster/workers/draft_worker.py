@@ -53,7 +53,8 @@ class DraftWorker:
                 gen = self.generators[item.seq_id] = torch.Generator().manual_seed(draft_seed(item.seed))
             requests.append(DraftRequest(item.seq_id, tokens, item.k, item.params, gen))
         proposal = self.drafter.propose(requests)
-        self.busy_s += time.perf_counter() - start
+        proposal.compute_s = time.perf_counter() - start
+        self.busy_s += proposal.compute_s
         return proposal
 
     def release(self, seq_ids: list[str]) -> None:

@@ -1,6 +1,6 @@
 """N-gram lookup, stop strings, adaptive K: small pure functions."""
 
-from cluster.adaptive_k import next_k
+from cluster.adaptive_k import fit_budget, next_k
 from cluster.drafters.base import DraftRequest
 from cluster.drafters.ngram import NgramDrafter, lookup_continuation
 from cluster.text import find_stop, holdback
@@ -41,3 +41,11 @@ def test_adaptive_k():
     assert next_k(4, 4, 1, 1, 8) == 3
     assert next_k(1, 1, 0, 1, 8) == 1
     assert next_k(4, 0, 0, 1, 8) == 4  # nothing proposed: no evidence
+
+
+def test_fit_budget_takes_from_the_longest():
+    assert fit_budget([4, 4, 1], 0) == [4, 4, 1]  # unlimited
+    assert fit_budget([4, 4, 1], 12) == [4, 4, 1]  # 3 pending + 9 drafts fit
+    assert fit_budget([6, 2, 1], 9) == [3, 2, 1]  # 3 pending + 6 drafts
+    assert fit_budget([3] * 4, 12) == [2] * 4
+    assert fit_budget([3] * 16, 12) == [0] * 16  # plain decoding already fills the pass

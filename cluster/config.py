@@ -35,6 +35,7 @@ class DrafterConfig:
     model: ModelConfig | None = None  # for kind=model
     ngram_min: int = 1  # for kind=ngram: shortest suffix to look up
     ngram_max: int = 4  # for kind=ngram: longest suffix to look up
+    confidence_threshold: float = 0.0  # kind=model: stop a draft after a token the draft gives less than this
 
     def validate(self, key: str) -> None:
         from cluster.drafters.registry import DRAFTERS  # names only: no model code imported
@@ -45,6 +46,8 @@ class DrafterConfig:
             if self.model is None:
                 raise ConfigError(f"{key}.model: required for kind 'model'")
             self.model.validate(f"{key}.model")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"{key}.ngram_min/ngram_max: need 1 <= ngram_min <= ngram_max")
 

@@ -12,8 +12,11 @@ from cluster.sampling.logits import process_logits, sample_from
 class ModelDrafter(Drafter):
     name = "model"
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0):
         self.runner = runner
+        # Draft long while the draft is sure, stop at its first unsure token (HF's assistant_confidence_threshold).
+        # The length depends only on the draft's own distribution, so the output stays exact.
+        self.confidence_threshold = confidence_threshold
         self._slots: dict[str, int] = {}
         self._seen: dict[str, list[int]] = {}  # tokens whose K/V are in the slot
 
@@ -63,7 +66,11 @@ class ModelDrafter(Drafter):
                 if probs is not None:
                     probs[i, step] = q[row]
                 feed[i] = [tokens[row]]
-            active = [i for i in active if len(drafts[i]) < batch[i].k]
+            unsure: set[int] = set()
+            if self.confidence_threshold > 0:
+                confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.tolist()
+                unsure = {i for row, i in enumerate(active) if confidence[row] < self.confidence_threshold}
+            active = [i for i in active if len(drafts[i]) < batch[i].k and i not in unsure]
             if not active:
                 break
         return DraftProposal(drafts, probs)

@@ -24,4 +24,4 @@ def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_voca
     runner = ModelRunner(load_model(cfg.model, device), num_slots, capacity)
     if runner.vocab_size != target_vocab:
         raise ValueError(f"drafter.model: vocabulary {runner.vocab_size} != target's {target_vocab}")
-    return ModelDrafter(runner)
+    return ModelDrafter(runner, cfg.confidence_threshold)

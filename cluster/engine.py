@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,8 +23,8 @@ from cluster.config import EngineConfig
 from cluster.drafters.base import Drafter
 from cluster.errors import EngineOverloadedError, InvalidRequestError
 from cluster.models.loader import load_model, load_tokenizer
-from cluster.requests import OutputProcessor, RequestBuilder, Sequence, eos_ids
-from cluster.types import FINISH_CANCELLED, FinalDelta, RequestOutput, SamplingParams, SpecStats, StreamDelta
+from cluster.requests import OutputProcessor, RequestBuilder, RequestQueue, Sequence, eos_ids
+from cluster.types import FinalDelta, RequestOutput, SamplingParams, SpecStats, StreamDelta
 from cluster.workers.draft_worker import DraftItem, DraftWorker
 from cluster.workers.target_worker import PrefillItem, TargetWorker, VerifyItem
 
@@ -44,7 +43,7 @@ class EngineTimings:
     steps: int = 0
 
 
-class SpecEngine:
+class SpecEngine(RequestQueue):
     def __init__(
         self,
         config: EngineConfig,
@@ -53,7 +52,7 @@ class SpecEngine:
         tokenizer=None,
         drafter: Drafter | None = None,
     ):
-        self.config = config
+        super().__init__(config)
         limits, spec = config.limits, config.speculation
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
         model = model if model is not None else load_model(config.target)
@@ -67,18 +66,11 @@ class SpecEngine:
                                        drafter=drafter)
         self.requests = RequestBuilder(self.tokenizer, self.target.vocab_size, self.max_model_len, limits.max_tokens)
         self.output = OutputProcessor(self.tokenizer, eos_ids(model, self.tokenizer), self.max_model_len)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self.timings = EngineTimings()
         self.stats = SpecStats()
         self.draft_failures = 0
 
     # --- requests -------------------------------------------------------------------------------
-    def default_params(self, **overrides) -> SamplingParams:
-        d = self.config.sampling
-        base = dict(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
-        return SamplingParams(**{**base, **overrides})
-
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
@@ -89,22 +81,6 @@ class SpecEngine:
             raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
         self.waiting.append(seq)
         return seq.request_id
-
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request and free its caches at once. Returns whether it was still in flight."""
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                return True
-        for seq in self.running:
-            if seq.request_id == request_id:
-                seq.finish_reason = FINISH_CANCELLED
-                self._retire()
-                return True
-        return False
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.errors import InvalidRequestError
 from cluster.text import find_stop, holdback
-from cluster.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FinalDelta, SamplingParams, SpecStats, StreamDelta
+from cluster.types import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FinalDelta, SamplingParams, SpecStats, StreamDelta
 
 
 @dataclass
@@ -32,6 +33,40 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.num_prompt :]
+
+
+class RequestQueue:
+    """Requests in flight, as the in-process engine and the Ray router both keep them: a waiting queue,
+    a running list, cancellation. Subclasses free a finished request's caches in `_retire`."""
+
+    def __init__(self, config):
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def default_params(self, **overrides) -> SamplingParams:
+        d = self.config.sampling
+        base = dict(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
+        return SamplingParams(**{**base, **overrides})
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its caches at once. Returns whether it was still in flight."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = FINISH_CANCELLED
+                self._retire()
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _retire(self) -> None:
+        raise NotImplementedError
 
 
 class RequestBuilder:

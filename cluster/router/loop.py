@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 import ray
 import torch
@@ -34,9 +33,9 @@ from cluster.engine import collect
 from cluster.errors import EngineOverloadedError
 from cluster.metrics import RouterMetrics
 from cluster.models.loader import load_tokenizer
-from cluster.requests import OutputProcessor, RequestBuilder, Sequence
+from cluster.requests import OutputProcessor, RequestBuilder, RequestQueue, Sequence
 from cluster.router.pools import WorkerPool
-from cluster.types import FINISH_CANCELLED, RequestOutput, SamplingParams, StreamDelta
+from cluster.types import RequestOutput, SamplingParams, StreamDelta
 from cluster.workers.actors import start_draft_actor, start_target_actor
 from cluster.workers.draft_worker import DraftItem
 from cluster.workers.target_worker import PrefillItem, VerifyItem
@@ -47,9 +46,9 @@ Draft = tuple[list[int], torch.Tensor | None]
 NO_DRAFT: Draft = ([], None)
 
 
-class Router:
+class Router(RequestQueue):
     def __init__(self, config: EngineConfig, tokenizer=None):
-        self.config = config
+        super().__init__(config)
         spec, limits, cluster = config.speculation, config.limits, config.cluster
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
         self.slots = limits.max_batch_size  # per target replica (and per draft worker)
@@ -72,8 +71,6 @@ class Router:
         self.requests = RequestBuilder(self.tokenizer, self.vocab_size, self.max_model_len, limits.max_tokens)
         eos = set(info["eos_ids"]) | ({self.tokenizer.eos_token_id} - {None})
         self.output = OutputProcessor(self.tokenizer, eos, self.max_model_len)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self._drafts: dict[str, Draft | None] = {}  # None: needs drafting
         self.metrics = RouterMetrics(config.drafter.kind if spec.k > 0 else "none")
         if cluster.metrics_port:
@@ -89,11 +86,6 @@ class Router:
             self.drafts.wait_ready(timeout)
 
     # --- requests -------------------------------------------------------------------------------
-    def default_params(self, **overrides) -> SamplingParams:
-        d = self.config.sampling
-        return SamplingParams(**{**dict(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
-                                        top_k=d.top_k), **overrides})
-
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         k = self.config.speculation.k if self.drafts is not None else 0
         seq = self.requests.build(prompt, params or self.default_params(), k, request_id)
@@ -103,22 +95,6 @@ class Router:
         self.waiting.append(seq)
         self.metrics.queue_depth.set(len(self.waiting))
         return seq.request_id
-
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request; its caches are freed on every actor at once."""
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                return True
-        for seq in self.running:
-            if seq.request_id == request_id:
-                seq.finish_reason = FINISH_CANCELLED
-                self._retire()
-                return True
-        return False
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         plist = params if isinstance(params, list) else [params] * len(prompts)

@@ -142,13 +142,13 @@ class EngineConfig:
         self.limits.validate("limits")
         self.cluster.validate("cluster")
         if check_paths:
-            _check_model_dir("target", self.target)
+            check_model_dir("target", self.target)
             if self.drafter.kind == "model":
-                _check_model_dir("drafter.model", self.drafter.model)
+                check_model_dir("drafter.model", self.drafter.model)
         return self
 
 
-def _check_model_dir(key: str, model: ModelConfig) -> None:
+def check_model_dir(key: str, model: ModelConfig) -> None:
     path = Path(model.path)
     if not path.is_dir():
         raise ModelNotFoundError(f"{key}.path: model directory {str(path)!r} does not exist")

@@ -142,11 +142,11 @@ class OutputProcessor:
         return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
 
 
-def eos_ids(model_config_or_model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer=None) -> set[int]:
+    """End-of-sequence ids: the model's generation config, plus the tokenizer's if given."""
     ids: set[int] = set()
-    config = getattr(model_config_or_model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update([eos] if isinstance(eos, int) else (eos or []))
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.config import ModelConfig, _check_model_dir
+from cluster.config import ModelConfig, check_model_dir
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
-    _check_model_dir("model", cfg)
+    check_model_dir("model", cfg)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.path, dtype=getattr(torch, cfg.dtype), local_files_only=True, attn_implementation="sdpa", **kwargs

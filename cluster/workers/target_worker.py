@@ -138,7 +138,7 @@ class TargetWorker:
     def info(self) -> dict:
         model = self.runner.model
         return {"vocab_size": self.vocab_size, "max_context": self.max_context,
-                "eos_ids": sorted(eos_ids(model, _NoTokenizer()))}
+                "eos_ids": sorted(eos_ids(model))}  # the router adds its tokenizer's
 
     def load(self) -> dict:
         return {"sequences": len(self.seqs), "free_slots": self.runner.cache.num_free,
@@ -150,10 +150,6 @@ class TargetWorker:
     def _account(self, start: float) -> None:
         self.busy_s += time.perf_counter() - start
         self.passes += 1
-
-
-class _NoTokenizer:
-    eos_token_id = None  # the worker reads EOS from the model's generation config; the router adds the tokenizer's
 
 
 def _process(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

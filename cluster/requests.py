@@ -46,7 +46,8 @@ class RequestQueue:
 
     def default_params(self, **overrides) -> SamplingParams:
         d = self.config.sampling
-        base = dict(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
+        max_tokens = min(d.max_tokens, self.config.limits.max_tokens)  # a default never breaks the limit
+        base = dict(max_tokens=max_tokens, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
         return SamplingParams(**{**base, **overrides})
 
     def abort(self, request_id: str) -> bool:

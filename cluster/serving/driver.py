@@ -39,8 +39,12 @@ class EngineDriver:
 
     def stream(self, prompt, params: SamplingParams, is_active: Callable[[], bool] = lambda: True,
                poll_s: float = 0.05) -> Iterator[StreamDelta]:
-        """Yield the request's deltas; stops and cancels when the caller goes away or is_active() fails."""
+        """Submit now (typed errors raise here, before any output) and return an iterator over the
+        request's deltas; closing it, or is_active() turning false, cancels the request."""
         request_id, deltas = self.submit(prompt, params)
+        return self._iterate(request_id, deltas, is_active, poll_s)
+
+    def _iterate(self, request_id: str, deltas: queue.Queue, is_active, poll_s: float) -> Iterator[StreamDelta]:
         finished = False
         try:
             while not finished:
@@ -60,11 +64,7 @@ class EngineDriver:
 
     def generate(self, prompt, params: SamplingParams, is_active: Callable[[], bool] = lambda: True) -> FinalDelta | None:
         """Run to completion; returns the final delta (full text, totals) or None if cancelled."""
-        final = None
-        for delta in self.stream(prompt, params, is_active):
-            if isinstance(delta, FinalDelta):
-                final = delta
-        return final
+        return last_delta(self.stream(prompt, params, is_active))
 
     def call(self, fn: Callable):
         """Run fn(engine) under the lock, between steps (e.g. to read cache occupancy)."""
@@ -100,3 +100,12 @@ class EngineDriver:
             for q, d in routed:
                 if q is not None:
                     q.put(d)
+
+
+def last_delta(stream: Iterator[StreamDelta]) -> FinalDelta | None:
+    """Drain a stream; the final delta (full text and totals), or None if it ended without one."""
+    final = None
+    for delta in stream:
+        if isinstance(delta, FinalDelta):
+            final = delta
+    return final

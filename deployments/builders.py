@@ -1,0 +1,31 @@
+"""The only place classes become Ray Serve deployments. `serve run deployments/configs/serve.yaml`
+(or `serve deploy`) imports `build_app` with the YAML's args."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+
+from deployments import openai_api
+from deployments.server import SpecDecServer
+
+DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+
+
+def build_app(args: dict):
+    """args: config (engine YAML path), grpc_port, engine ("router" | "local"), autoscaling_config,
+    ray_actor_options. Each replica is one router with its own draft and target actor pools."""
+    deployment = serve.deployment(
+        name="SpecDecServer",
+        autoscaling_config=args.get("autoscaling_config", DEFAULT_AUTOSCALING),
+        max_ongoing_requests=int(args.get("max_ongoing_requests", 64)),
+        graceful_shutdown_timeout_s=float(args.get("graceful_shutdown_timeout_s", 60)),
+        health_check_period_s=10,
+        ray_actor_options=args.get("ray_actor_options", {"num_cpus": 0}),
+    )(serve.ingress(openai_api.app)(SpecDecServer))
+    return deployment.bind(
+        config_path=str(Path(args.get("config", "configs/default.yaml")).resolve()),  # replicas may run elsewhere
+        grpc_port=int(args.get("grpc_port", 50051)),
+        engine=args.get("engine", "router"),
+    )

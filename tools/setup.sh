@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Create .venv and install the project (idempotent). torch is installed first, pinned, so no
-# dependency can pull a CUDA build.
+# Install the project (idempotent). torch is installed first, pinned, so no dependency pulls another
+# build. By default into .venv; with SPECDEC_PYTHON=python3 into that interpreter (the container image
+# does this, so Ray's own Python runs the project). CI and the Dockerfile both run this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
+PY="${SPECDEC_PYTHON:-.venv/bin/python}"
+EXTRAS="${SPECDEC_EXTRAS:-[dev]}"
+if [ -z "${SPECDEC_PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import cluster, torch, transformers, ray, pytest" 2>/dev/null; then
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e ".[dev]"
+if ! "$PY" -c "import cluster, torch, transformers, ray, grpc_reflection, specdec" 2>/dev/null \
+   || { [ -n "$EXTRAS" ] && ! "$PY" -c "import pytest, openai" 2>/dev/null; }; then
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q torch==2.13.0
+  "$PY" -m pip install -q -e ".${EXTRAS}"
 fi

@@ -1,6 +1,7 @@
 """The whole application on Ray Serve, called with the `openai` client and a generated gRPC stub."""
 
 import socket
+from pathlib import Path
 
 import grpc
 import json
@@ -42,10 +43,13 @@ def app(tiny_models, tmp_path_factory):
     http_port, grpc_port = _free_port(), _free_port()
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, resources={"target_node": 2, "draft_node": 2}, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, resources={"target_node": 2, "draft_node": 2, "ingress": 1}, include_dashboard=False,
+             log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    serve.run(build_app({"config": str(path), "grpc_port": grpc_port,
-                         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}), name="specdec")
+    app_args = yaml.safe_load(Path("deployments/configs/serve.yaml").read_text())["applications"][0]["args"]
+    app_args |= {"config": str(path), "grpc_port": grpc_port, "autoscaling_config": {"min_replicas": 1,
+                                                                                     "max_replicas": 1}}
+    serve.run(build_app(app_args), name="specdec")
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
     serve.shutdown()
     ray.shutdown()

@@ -1,0 +1,138 @@
+"""Kubernetes manifests: KubeRay CRD schema, placement and security invariants, agreement with the
+local Serve config and the engine config, and a linted Dockerfile."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+
+
+def _docs():
+    return [d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def rayservice():
+    (service,) = [d for d in _docs() if d.get("kind") == "RayService"]
+    return service
+
+
+@pytest.fixture(scope="module")
+def serve_config(rayservice):
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def _containers(rayservice):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _ray_resources(group) -> dict:
+    raw = group["rayStartParams"].get("resources", '"{}"')
+    return json.loads(json.loads(raw))  # KubeRay's quoting: a JSON string holding a JSON object
+
+
+def test_every_manifest_parses_and_kustomization_lists_them():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert all("kind" in d and "apiVersion" in d for d in _docs())
+
+
+def test_rayservice_matches_the_kuberay_crd_schema(rayservice):
+    schema = json.loads((K8S / "crd" / "rayservice-v1-schema.json").read_text())
+    assert "v1.7.0" in schema["source"]
+    jsonschema.validate(rayservice, schema["openAPIV3Schema"])
+    broken = json.loads(json.dumps(rayservice))
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    with pytest.raises(jsonschema.ValidationError):  # the schema really constrains the file
+        jsonschema.validate(broken, schema["openAPIV3Schema"])
+
+
+def test_draft_and_target_groups_offer_what_the_pools_ask_for(rayservice, serve_config):
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"draft", "target"}
+    engine = load_config(ROOT / serve_config["applications"][0]["args"]["config"], check_paths=False)
+    draft, target = _ray_resources(groups["draft"]), _ray_resources(groups["target"])
+    assert set(engine.cluster.draft_pool.resources) <= set(draft) and not set(engine.cluster.draft_pool.resources) & set(target)
+    assert set(engine.cluster.target_pool.resources) <= set(target) and not set(engine.cluster.target_pool.resources) & set(draft)
+    ingress = serve_config["applications"][0]["args"]["ray_actor_options"]["resources"]
+    assert set(ingress) <= set(target)  # Serve replicas (and their gRPC port) live on target pods
+    for name, group in groups.items():
+        spec = group["template"]["spec"]
+        gpus = spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert int(gpus) >= 1 and spec["nodeSelector"] and spec["tolerations"]
+    assert groups["draft"]["template"]["spec"]["nodeSelector"] != groups["target"]["template"]["spec"]["nodeSelector"]
+    assert engine.cluster.draft_pool.num_gpus > 0 and engine.cluster.target_pool.num_gpus > 0
+
+
+def test_autoscaling_bounds(rayservice, serve_config):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    for group in cluster["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    autoscaling = serve_config["applications"][0]["args"]["autoscaling_config"]
+    assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+
+
+def test_ports_probes_limits_and_security(rayservice):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head["rayStartParams"]["num-cpus"] == "0"
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    ports = {(name, p["name"]): p["containerPort"] for name, c in _containers(rayservice) for p in c.get("ports", [])}
+    assert ports[("head", "serve")] == 8000 and ports[("target", "grpc")] == 50051
+    assert 8265 not in ports.values()  # the dashboard is never published
+    for name, container in _containers(rayservice):
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][kind]), (name, kind)
+        assert container.get("readinessProbe") and container.get("livenessProbe"), name
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    for group in [head] + cluster["workerGroupSpecs"]:
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    (grpc_service,) = [d for d in _docs() if d.get("kind") == "Service"]
+    assert grpc_service["spec"]["type"] == "ClusterIP" and grpc_service["spec"]["ports"][0]["port"] == 50051
+    target_labels = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "target")["template"]["metadata"]["labels"]
+    assert grpc_service["spec"]["selector"].items() <= target_labels.items()
+    keys = [e for _, c in _containers(rayservice) for e in c.get("env", []) if e["name"] == "SPECDEC_API_KEY"]
+    assert keys and all("secretKeyRef" in e["valueFrom"] for e in keys)  # from a Secret, never inline
+
+
+def test_serve_config_validates_and_agrees_with_the_local_one(serve_config):
+    ServeDeploySchema.model_validate(serve_config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(serve_config)
+    local = yaml.safe_load((ROOT / "deployments" / "configs" / "serve.yaml").read_text())
+    k8s_app, local_app = serve_config["applications"][0], local["applications"][0]
+    assert k8s_app["args"].pop("config") == "configs/k8s.yaml"
+    local_app["args"].pop("config")
+    assert k8s_app == local_app  # only the engine config may differ
+    assert serve_config["http_options"]["port"] == local["http_options"]["port"]
+
+
+def test_versions_agree():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    ray_pin = re.search(r'"ray\[serve\]==([\d.]+)"', pyproject).group(1)
+    rayservice = next(d for d in _docs() if d.get("kind") == "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray_pin
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={ray_pin}" in dockerfile and "py311" in dockerfile
+    assert "bash tools/setup.sh" in dockerfile  # the image installs with CI's own script
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -11,6 +11,16 @@ from deployments import openai_api
 from deployments.server import SpecDecServer
 
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_config(path: str) -> str:
+    """`serve deploy` and KubeRay build the app in the Serve controller, whose working directory is not
+    the project: a relative path that is not found there is taken relative to the project root."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = PROJECT_ROOT / candidate
+    return str(candidate.resolve())
 
 
 def build_app(args: dict):
@@ -25,7 +35,7 @@ def build_app(args: dict):
         ray_actor_options=args.get("ray_actor_options", {"num_cpus": 0}),
     )(serve.ingress(openai_api.app)(SpecDecServer))
     return deployment.bind(
-        config_path=str(Path(args.get("config", "configs/default.yaml")).resolve()),  # replicas may run elsewhere
+        config_path=resolve_config(args.get("config", "configs/default.yaml")),
         grpc_port=int(args.get("grpc_port", 50051)),
         engine=args.get("engine", "router"),
     )

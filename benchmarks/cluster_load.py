@@ -140,18 +140,22 @@ def main(argv=None) -> dict:
     result = {"target": config.target.path.rsplit("/", 1)[-1], "drafter": config.drafter.kind,
               "k": config.speculation.k, "adaptive": config.speculation.adaptive, "max_tokens": args.max_tokens,
               "rows": rows}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"target={result['target']} drafter={result['drafter']} k={result['k']} "
-              f"adaptive={result['adaptive']} max_tokens={args.max_tokens}")
-        cols = ["concurrency", "tokens_per_s", "tokens_per_s_baseline", "tokens_per_s_unpipelined", "speedup",
-                "target_utilization", "target_utilization_unpipelined", "p50_ttft_ms", "p99_ttft_ms",
-                "p50_tpot_ms", "overhead_ms_per_step", "failed_requests", "exact"]
-        print(" | ".join(cols))
-        for row in rows:
-            print(" | ".join(str(row[c]) for c in cols))
+    emit(result, args.json, ["concurrency", "tokens_per_s", "tokens_per_s_baseline", "tokens_per_s_unpipelined",
+                             "speedup", "target_utilization", "target_utilization_unpipelined", "p50_ttft_ms",
+                             "p99_ttft_ms", "p50_tpot_ms", "overhead_ms_per_step", "failed_requests", "exact"])
     return result
+
+
+def emit(result: dict, as_json: bool, cols: list[str] | None = None) -> None:
+    """One JSON object, or a header line and a `|`-separated table of result["rows"]."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(" ".join(f"{k}={v}" for k, v in result.items() if k != "rows"))
+    cols = cols or list(result["rows"][0])
+    print(" | ".join(cols))
+    for row in result["rows"]:
+        print(" | ".join(str(row[c]) for c in cols))
 
 
 if __name__ == "__main__":

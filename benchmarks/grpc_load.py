@@ -7,7 +7,6 @@ in one run: tokens/s, time to first token and time per output token (p50/p99), f
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import grpc
 import ray
 
-from benchmarks.cluster_load import drive, pct
+from benchmarks.cluster_load import drive, emit, pct
 from benchmarks.speculative import load_prompts
 from cluster.config import load_config
 from cluster.router import Router
@@ -105,13 +104,7 @@ def main(argv=None) -> dict:
     router.shutdown()
     ray.shutdown()
     result = {"target": Path(config.target.path).name, "drafter": config.drafter.kind, "rows": rows}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        cols = list(rows[0])
-        print(" | ".join(cols))
-        for row in rows:
-            print(" | ".join(str(row[c]) for c in cols))
+    emit(result, args.json)
     return result
 
 

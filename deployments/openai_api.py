@@ -87,8 +87,9 @@ async def _serve(request: Request, chat: bool):
         return StreamingResponse(_sse(request, stream, chat, cid, created), media_type="text/event-stream")
     try:
         final = await run_in_threadpool(last_delta, stream)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # the client went away: stop generating now
         gone.set()
+        asyncio.get_running_loop().run_in_executor(None, stream.cancel)
         raise
     choice = {"index": 0, "finish_reason": _finish(final.finish_reason)}
     if chat:
@@ -124,7 +125,8 @@ async def _sse(request: Request, stream, chat: bool, cid: str, created: int):
         else:
             yield "data: [DONE]\n\n"
     finally:
-        await asyncio.get_running_loop().run_in_executor(None, stream.close)  # cancels if unfinished
+        # Not awaited: on a disconnect Starlette cancels this task, and an await here would be cancelled too.
+        asyncio.get_running_loop().run_in_executor(None, stream.cancel)
 
 
 def _params(driver, body: dict):

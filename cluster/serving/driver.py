@@ -42,7 +42,7 @@ class EngineDriver:
         """Submit now (typed errors raise here, before any output) and return an iterator over the
         request's deltas; closing it, or is_active() turning false, cancels the request."""
         request_id, deltas = self.submit(prompt, params)
-        return self._iterate(request_id, deltas, is_active, poll_s)
+        return DeltaStream(self, request_id, self._iterate(request_id, deltas, is_active, poll_s))
 
     def _iterate(self, request_id: str, deltas: queue.Queue, is_active, poll_s: float) -> Iterator[StreamDelta]:
         finished = False
@@ -100,6 +100,26 @@ class EngineDriver:
             for q, d in routed:
                 if q is not None:
                     q.put(d)
+
+
+class DeltaStream:
+    """An iterator over one request's deltas that can also be cancelled from any thread, even while
+    another thread is blocked inside next() (closing a running generator would raise there)."""
+
+    def __init__(self, driver: EngineDriver, request_id: str, deltas: Iterator[StreamDelta]):
+        self.driver, self.request_id, self._deltas = driver, request_id, deltas
+
+    def __iter__(self) -> DeltaStream:
+        return self
+
+    def __next__(self) -> StreamDelta:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
+
+    def cancel(self) -> None:
+        self.driver.cancel(self.request_id)  # no-op once the request has finished
 
 
 def last_delta(stream: Iterator[StreamDelta]) -> FinalDelta | None:

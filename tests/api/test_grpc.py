@@ -122,7 +122,7 @@ def test_cancelled_stream_frees_caches(served):
 def test_deadline_stops_generation(served):
     driver, stub, _ = served
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=60), timeout=0.02)
+        stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=60), timeout=0.001)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_freed(driver) == 0
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.adaptive_k import fit_budget, next_k
+from cluster.adaptive_k import fit_budget
 from cluster.config import EngineConfig
 from cluster.drafters.base import Drafter
-from cluster.errors import EngineOverloadedError, InvalidRequestError
+from cluster.errors import EngineOverloadedError
 from cluster.models.loader import load_model, load_tokenizer
 from cluster.requests import OutputProcessor, RequestBuilder, RequestQueue, Sequence, eos_ids
-from cluster.types import FinalDelta, RequestOutput, SamplingParams, SpecStats, StreamDelta
+from cluster.types import SamplingParams, SpecStats, StreamDelta
 from cluster.workers.draft_worker import DraftItem, DraftWorker
 from cluster.workers.target_worker import PrefillItem, TargetWorker, VerifyItem
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_DRAFT_FAILURES = 3  # consecutive drafter errors before the engine stops drafting
 
-__all__ = ["EngineTimings", "FinalDelta", "SpecEngine"]
+__all__ = ["EngineTimings", "SpecEngine"]
 
 
 @dataclass
@@ -92,14 +92,9 @@ class SpecEngine(RequestQueue):
             start = time.perf_counter()
             results = self.target.verify([VerifyItem(s.request_id, d, q) for s, (d, q) in zip(batch, drafts)])  # 3
             self.timings.verify_s += time.perf_counter() - start
-            spec = self.config.speculation
             for seq, (draft, _), (n, token) in zip(batch, drafts, results):  # 4
-                step_stats = SpecStats(steps=1, drafted=len(draft), accepted=n)
-                seq.stats.add(step_stats)
-                self.stats.add(step_stats)
-                if self.drafter is not None and spec.adaptive:
-                    seq.k = next_k(seq.k, len(draft), n, spec.k_min, spec.k_max)
-                deltas.append(self.output.append(seq, draft[:n] + [token]))
+                self.stats.add(SpecStats(steps=1, drafted=len(draft), accepted=n))
+                deltas.append(self._apply_verify(seq, draft, n, token, drafting=self.drafter is not None))
             self.timings.steps += 1
         self._retire()  # 5
         return deltas
@@ -163,20 +158,6 @@ class SpecEngine(RequestQueue):
             self.drafter.release(ids)
 
     # --- convenience front ends -----------------------------------------------------------------
-    def generate(
-        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
-    ) -> list[RequestOutput]:
-        """Run a batch of requests to completion. Invalid input raises before any request is queued."""
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise InvalidRequestError("params", "one SamplingParams per prompt")
-        for prompt, p in zip(prompts, plist):  # validate all first: nothing half-queued on error
-            self.requests.build(prompt, p or self.default_params(), 0)
-        if len(self.waiting) + len(prompts) > self.config.limits.max_waiting + self.target.runner.cache.num_free:
-            raise EngineOverloadedError(f"{len(prompts)} requests do not fit the waiting queue")
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
-        return collect(self.step, ids)
-
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield this request's deltas as steps complete; closing the iterator cancels the request."""
         request_id = self.add_request(prompt, params)
@@ -191,17 +172,3 @@ class SpecEngine(RequestQueue):
             if not finished:
                 self.abort(request_id)
 
-
-def collect(step, ids: list[str]) -> list[RequestOutput]:
-    """Call `step()` until every request in `ids` has finished; assemble their outputs."""
-    results: dict[str, RequestOutput] = {}
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    while len(results) < len(ids):
-        for d in step():
-            if d.request_id in tokens:
-                tokens[d.request_id].extend(d.token_ids)
-                if isinstance(d, FinalDelta):
-                    results[d.request_id] = RequestOutput(
-                        d.request_id, d.prompt_tokens, tokens[d.request_id], d.full_text, d.finish_reason, d.stats
-                    )
-    return [results[i] for i in ids]

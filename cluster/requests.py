@@ -8,9 +8,20 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.errors import InvalidRequestError
+from cluster.adaptive_k import next_k
+from cluster.errors import EngineOverloadedError, InvalidRequestError
 from cluster.text import find_stop, holdback
-from cluster.types import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FinalDelta, SamplingParams, SpecStats, StreamDelta
+from cluster.types import (
+    FINISH_CANCELLED,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FinalDelta,
+    RequestOutput,
+    SamplingParams,
+    SpecStats,
+    StreamDelta,
+)
 
 
 @dataclass
@@ -66,8 +77,43 @@ class RequestQueue:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run a batch of requests to completion. Invalid input or a full queue raises before any is queued."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError("params", "one SamplingParams per prompt")
+        for prompt, p in zip(prompts, plist):
+            self.requests.build(prompt, p or self.default_params(), 0)
+        if len(self.waiting) + len(prompts) > self.config.limits.max_waiting:  # add_request's own bound
+            raise EngineOverloadedError(f"{len(prompts)} requests do not fit the waiting queue")
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
+        return collect(self.step, ids)
+
+    def _apply_verify(self, seq: Sequence, draft: list[int], accepted: int, token: int, drafting: bool) -> StreamDelta:
+        """Record one verify pass of `seq` (stats, adaptive K) and append what it accepted."""
+        seq.stats.add(SpecStats(steps=1, drafted=len(draft), accepted=accepted))
+        spec = self.config.speculation
+        if drafting and spec.adaptive:
+            seq.k = next_k(seq.k, len(draft), accepted, spec.k_min, spec.k_max)
+        return self.output.append(seq, draft[:accepted] + [token])
+
     def _retire(self) -> None:
         raise NotImplementedError
+
+
+def collect(step, ids: list[str]) -> list[RequestOutput]:
+    """Call `step()` until every request in `ids` has finished; assemble their outputs."""
+    results: dict[str, RequestOutput] = {}
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    while len(results) < len(ids):
+        for d in step():
+            if d.request_id in tokens:
+                tokens[d.request_id].extend(d.token_ids)
+                if isinstance(d, FinalDelta):
+                    results[d.request_id] = RequestOutput(
+                        d.request_id, d.prompt_tokens, tokens[d.request_id], d.full_text, d.finish_reason, d.stats
+                    )
+    return [results[i] for i in ids]
 
 
 class RequestBuilder:

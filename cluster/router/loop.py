@@ -27,15 +27,14 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 
-from cluster.adaptive_k import fit_budget, next_k
+from cluster.adaptive_k import fit_budget
 from cluster.config import EngineConfig
-from cluster.engine import collect
 from cluster.errors import EngineOverloadedError
 from cluster.metrics import RouterMetrics
 from cluster.models.loader import load_tokenizer
 from cluster.requests import OutputProcessor, RequestBuilder, RequestQueue, Sequence
 from cluster.router.pools import WorkerPool
-from cluster.types import RequestOutput, SamplingParams, StreamDelta
+from cluster.types import SamplingParams, StreamDelta
 from cluster.workers.actors import start_draft_actor, start_target_actor
 from cluster.workers.draft_worker import DraftItem
 from cluster.workers.target_worker import PrefillItem, VerifyItem
@@ -95,13 +94,6 @@ class Router(RequestQueue):
         self.waiting.append(seq)
         self.metrics.queue_depth.set(len(self.waiting))
         return seq.request_id
-
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        for prompt, p in zip(prompts, plist):  # validate all first: nothing half-queued on error
-            self.requests.build(prompt, p or self.default_params(), 0)
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
-        return collect(self.step, ids)
 
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
@@ -202,7 +194,7 @@ class Router(RequestQueue):
 
     def _collect_verify(self, calls, deltas: list[StreamDelta]) -> float:
         """Apply verification results; returns the longest replica compute time of this step."""
-        spec, compute = self.config.speculation, 0.0
+        compute = 0.0
         for replica, (group, ref) in calls.items():
             try:
                 results, busy = ray.get(ref)
@@ -212,13 +204,8 @@ class Router(RequestQueue):
             compute = max(compute, busy)
             for seq, (n, token) in zip(group, results):
                 draft = self._drafts[seq.request_id][0]
-                seq.stats.steps += 1
-                seq.stats.drafted += len(draft)
-                seq.stats.accepted += n
                 self.metrics.observe_verify(len(draft), n)
-                if seq.drafter >= 0 and spec.adaptive:
-                    seq.k = next_k(seq.k, len(draft), n, spec.k_min, spec.k_max)
-                delta = self.output.append(seq, draft[:n] + [token])
+                delta = self._apply_verify(seq, draft, n, token, drafting=seq.drafter >= 0)
                 self.metrics.tokens.inc(len(delta.token_ids))
                 deltas.append(delta)
                 self._drafts[seq.request_id] = None
@@ -322,9 +309,10 @@ class Router(RequestQueue):
             loads["draft"] = ray.get([h.load.remote() for h in self.drafts.handles])
         return loads
 
-    def target_utilization(self, since: float | None = None, busy_before: float = 0.0) -> float:
-        wall = time.perf_counter() - (since if since is not None else self._started)
-        busy = sum(load["busy_s"] for load in self.worker_loads()["target"]) - busy_before
+    def target_utilization(self) -> float:
+        """Fraction of wall time since start the target replicas spent computing (also exported)."""
+        wall = time.perf_counter() - self._started
+        busy = sum(load["busy_s"] for load in self.worker_loads()["target"])
         fraction = busy / (wall * len(self.targets))
         self.metrics.target_busy.set(fraction)
         return fraction

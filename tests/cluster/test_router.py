@@ -3,7 +3,7 @@
 import pytest
 import ray
 
-from cluster.engine import collect
+from cluster.requests import collect
 from cluster.router import Router
 from cluster.types import SamplingParams
 from tests.cluster.conftest import cluster_config

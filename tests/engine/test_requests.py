@@ -59,6 +59,14 @@ def test_overload_is_typed(make_engine):
         engine.add_request(PROMPT)
 
 
+def test_batch_larger_than_the_queue_is_rejected_whole(make_engine):
+    engine = make_engine("ngram", k=2, max_waiting=2)
+    with pytest.raises(EngineOverloadedError):
+        engine.generate([PROMPT] * 3, SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished()  # nothing half-queued
+    assert len(engine.generate([PROMPT] * 2, SamplingParams(max_tokens=2))) == 2
+
+
 def test_generation_stops_at_context_end(engine):
     out = engine.generate([PROMPT], SamplingParams(max_tokens=100))[0]
     assert out.finish_reason in ("length", "eos")

@@ -21,9 +21,8 @@ import torch
 from cluster.adaptive_k import fit_budget
 from cluster.config import EngineConfig
 from cluster.drafters.base import Drafter
-from cluster.errors import EngineOverloadedError
 from cluster.models.loader import load_model, load_tokenizer
-from cluster.requests import OutputProcessor, RequestBuilder, RequestQueue, Sequence, eos_ids
+from cluster.requests import RequestQueue, Sequence, eos_ids
 from cluster.types import SamplingParams, SpecStats, StreamDelta
 from cluster.workers.draft_worker import DraftItem, DraftWorker
 from cluster.workers.target_worker import PrefillItem, TargetWorker, VerifyItem
@@ -54,33 +53,22 @@ class SpecEngine(RequestQueue):
     ):
         super().__init__(config)
         limits, spec = config.limits, config.speculation
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
         model = model if model is not None else load_model(config.target)
-        self.max_model_len = min(limits.max_model_len, getattr(model.config, "max_position_embeddings", None)
-                                 or limits.max_model_len)
-        capacity = self.max_model_len + spec.k_max + 1  # a verify pass may run K+1 past the last token
+        capacity = limits.max_model_len + spec.k_max + 1  # a verify pass may run K+1 past the last token
         self.target = TargetWorker(config.target, limits.max_batch_size, capacity, model=model)
         self.drafter: DraftWorker | None = None
         if spec.k > 0:
             self.drafter = DraftWorker(config.drafter, limits.max_batch_size, capacity, self.target.vocab_size,
                                        drafter=drafter)
-        self.requests = RequestBuilder(self.tokenizer, self.target.vocab_size, self.max_model_len, limits.max_tokens)
-        self.output = OutputProcessor(self.tokenizer, eos_ids(model, self.tokenizer), self.max_model_len)
+        self._init_requests(tokenizer, self.target.vocab_size, self.target.max_context, eos_ids(model, tokenizer))
         self.timings = EngineTimings()
         self.stats = SpecStats()
         self.draft_failures = 0
 
-    # --- requests -------------------------------------------------------------------------------
-    def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> str:
-        """Validate and queue a request; it joins the batch at the next step. Raises typed errors."""
-        k = self.config.speculation.k if self.drafter else 0
-        seq = self.requests.build(prompt, params or self.default_params(), k, request_id)
-        if len(self.waiting) >= self.config.limits.max_waiting:
-            raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
-        self.waiting.append(seq)
-        return seq.request_id
+    @property
+    def drafting(self) -> bool:
+        return self.drafter is not None  # None after repeated drafter failures, too
 
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:

@@ -4,6 +4,7 @@ tokenisation in, stop conditions and streamed text out. No model code."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,6 +55,29 @@ class RequestQueue:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+
+    def _init_requests(self, tokenizer, vocab_size: int, max_context: int | None, eos: set[int]) -> None:
+        """Input validation and output processing, bounded by the model's context and the config."""
+        limits = self.config.limits
+        self.tokenizer = tokenizer
+        self.max_model_len = min(limits.max_model_len, max_context or limits.max_model_len)
+        self.requests = RequestBuilder(tokenizer, vocab_size, self.max_model_len, limits.max_tokens)
+        self.output = OutputProcessor(tokenizer, eos, self.max_model_len)
+
+    @property
+    def drafting(self) -> bool:
+        """Whether new requests start with speculation (K > 0)."""
+        raise NotImplementedError
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; it joins the batch at the next step. Raises typed errors."""
+        k = self.config.speculation.k if self.drafting else 0
+        seq = self.requests.build(prompt, params or self.default_params(), k, request_id)
+        if len(self.waiting) >= self.config.limits.max_waiting:
+            raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
+        seq.arrival = time.perf_counter()
+        self.waiting.append(seq)
+        return seq.request_id
 
     def default_params(self, **overrides) -> SamplingParams:
         d = self.config.sampling

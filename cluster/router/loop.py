@@ -29,12 +29,11 @@ from ray.exceptions import RayActorError, RayError
 
 from cluster.adaptive_k import fit_budget
 from cluster.config import EngineConfig
-from cluster.errors import EngineOverloadedError
 from cluster.metrics import RouterMetrics
 from cluster.models.loader import load_tokenizer
-from cluster.requests import OutputProcessor, RequestBuilder, RequestQueue, Sequence
+from cluster.requests import RequestQueue, Sequence
 from cluster.router.pools import WorkerPool
-from cluster.types import SamplingParams, StreamDelta
+from cluster.types import StreamDelta
 from cluster.workers.actors import start_draft_actor, start_target_actor
 from cluster.workers.draft_worker import DraftItem
 from cluster.workers.target_worker import PrefillItem, VerifyItem
@@ -49,7 +48,7 @@ class Router(RequestQueue):
     def __init__(self, config: EngineConfig, tokenizer=None):
         super().__init__(config)
         spec, limits, cluster = config.speculation, config.limits, config.cluster
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
         self.slots = limits.max_batch_size  # per target replica (and per draft worker)
         self._capacity = limits.max_model_len + spec.k_max + 1  # a verify may run K+1 past the last token
         self.drafts: WorkerPool | None = None
@@ -58,7 +57,6 @@ class Router(RequestQueue):
             cluster.target_pool.replicas,
         )
         info = ray.get(self.targets.handles[0].info.remote())  # vocabulary, context, EOS: from the model itself
-        self.max_model_len = min(limits.max_model_len, info["max_context"] or limits.max_model_len)
         self.vocab_size = info["vocab_size"]
         if spec.k > 0:
             self.drafts = WorkerPool(
@@ -67,9 +65,8 @@ class Router(RequestQueue):
                                             self.vocab_size),
                 cluster.draft_pool.replicas,
             )
-        self.requests = RequestBuilder(self.tokenizer, self.vocab_size, self.max_model_len, limits.max_tokens)
-        eos = set(info["eos_ids"]) | ({self.tokenizer.eos_token_id} - {None})
-        self.output = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        eos = set(info["eos_ids"]) | ({tokenizer.eos_token_id} - {None})
+        self._init_requests(tokenizer, self.vocab_size, info["max_context"], eos)
         self._drafts: dict[str, Draft | None] = {}  # None: needs drafting
         self.metrics = RouterMetrics(config.drafter.kind if spec.k > 0 else "none")
         if cluster.metrics_port:
@@ -84,16 +81,9 @@ class Router(RequestQueue):
         if self.drafts is not None:
             self.drafts.wait_ready(timeout)
 
-    # --- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        k = self.config.speculation.k if self.drafts is not None else 0
-        seq = self.requests.build(prompt, params or self.default_params(), k, request_id)
-        if len(self.waiting) >= self.config.limits.max_waiting:
-            raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
-        seq.arrival = time.perf_counter()
-        self.waiting.append(seq)
-        self.metrics.queue_depth.set(len(self.waiting))
-        return seq.request_id
+    @property
+    def drafting(self) -> bool:
+        return self.drafts is not None
 
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:

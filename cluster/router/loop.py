@@ -201,7 +201,7 @@ class Router(RequestQueue):
                 self._drafts[seq.request_id] = None
         return compute
 
-    def _launch_drafts(self, needs: list[Sequence]) -> dict[int, tuple[list[Sequence], list[int], ray.ObjectRef]]:
+    def _launch_drafts(self, needs: list[Sequence]) -> dict[int, tuple[list[tuple[Sequence, int]], list[int], ray.ObjectRef]]:
         calls, by_worker = {}, {}
         # These requests are verified together in one pass (with pipelining, as one of the two groups).
         ks = fit_budget([self.output.draft_len(s) for s in needs], self.config.speculation.verify_token_budget)
@@ -213,8 +213,7 @@ class Router(RequestQueue):
         for worker, pairs in by_worker.items():
             items = [DraftItem(s.request_id, s.draft_synced, s.tokens[s.draft_synced:], k, s.params, s.seed)
                      for s, k in pairs]
-            group = [s for s, _ in pairs]
-            calls[worker] = (group, [len(s.tokens) for s in group], self.drafts.handles[worker].propose.remote(items))
+            calls[worker] = (pairs, [len(s.tokens) for s, _ in pairs], self.drafts.handles[worker].propose.remote(items))
         return calls
 
     def _collect_drafts(self, calls) -> None:
@@ -224,12 +223,12 @@ class Router(RequestQueue):
         start = time.perf_counter()
         ray.wait(refs, num_returns=len(refs), timeout=self.config.cluster.draft_timeout_s)
         self.metrics.step_seconds.labels("draft_wait").observe(time.perf_counter() - start)
-        for worker, (group, synced, ref) in calls.items():
+        for worker, (pairs, synced, ref) in calls.items():
             try:
                 proposal = ray.get(ref, timeout=0)
                 self._draft_ema = _ema(self._draft_ema, proposal.compute_s)
-                for row, (seq, n_synced) in enumerate(zip(group, synced)):
-                    tokens = proposal.tokens[row][: self.output.draft_len(seq)]
+                for row, ((seq, k), n_synced) in enumerate(zip(pairs, synced)):
+                    tokens = proposal.tokens[row][:k]  # never more than was asked for
                     probs = None if proposal.probs is None else proposal.probs[row, : len(tokens)]
                     self._drafts[seq.request_id] = (tokens, probs)
                     seq.draft_synced = n_synced
@@ -238,7 +237,7 @@ class Router(RequestQueue):
                 self._draft_failed(worker)
             except (RayError, TimeoutError) as e:  # a late or failed draft: this step goes without
                 log.warning("draft worker %d: %s; verifying without drafts", worker, type(e).__name__)
-            for seq in group:
+            for seq, _ in pairs:
                 self._drafts[seq.request_id] = NO_DRAFT
                 seq.draft_synced = 0  # unknown state over there: resend everything next time
 

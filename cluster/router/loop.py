@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Draft = tuple[list[int], torch.Tensor | None]
 NO_DRAFT: Draft = ([], None)
+DraftCall = tuple[list[tuple[Sequence, int]], list[int], "ray.ObjectRef"]
 
 
 class Router(RequestQueue):
@@ -201,7 +202,8 @@ class Router(RequestQueue):
                 self._drafts[seq.request_id] = None
         return compute
 
-    def _launch_drafts(self, needs: list[Sequence]) -> dict[int, tuple[list[tuple[Sequence, int]], list[int], ray.ObjectRef]]:
+    def _launch_drafts(self, needs: list[Sequence]) -> dict[int, DraftCall]:
+        """One batched propose per draft worker; returns {worker: ((seq, k) pairs, tokens synced, ref)}."""
         calls, by_worker = {}, {}
         # These requests are verified together in one pass (with pipelining, as one of the two groups).
         ks = fit_budget([self.output.draft_len(s) for s in needs], self.config.speculation.verify_token_budget)
@@ -213,7 +215,8 @@ class Router(RequestQueue):
         for worker, pairs in by_worker.items():
             items = [DraftItem(s.request_id, s.draft_synced, s.tokens[s.draft_synced:], k, s.params, s.seed)
                      for s, k in pairs]
-            calls[worker] = (pairs, [len(s.tokens) for s, _ in pairs], self.drafts.handles[worker].propose.remote(items))
+            synced = [len(s.tokens) for s, _ in pairs]
+            calls[worker] = (pairs, synced, self.drafts.handles[worker].propose.remote(items))
         return calls
 
     def _collect_drafts(self, calls) -> None:

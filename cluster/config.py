@@ -85,11 +85,19 @@ class LimitsConfig:
     max_model_len: int = 1024  # prompt + generated tokens, capped by the model's own context
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     max_waiting: int = 256  # queued requests beyond the batch; more is EngineOverloadedError
+    max_prompt_chars: int = 0  # longer prompts are refused before tokenising; 0: what can fit the context
+    max_stop_strings: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
+    max_n: int = 8  # samples per request (OpenAI `n`)
+    max_body_bytes: int = 1 << 20  # HTTP request bodies beyond this are refused (413)
 
     def validate(self, key: str) -> None:
-        for name in ("max_batch_size", "max_model_len", "max_tokens", "max_waiting"):
+        for name in ("max_batch_size", "max_model_len", "max_tokens", "max_waiting", "max_stop_strings",
+                     "max_stop_chars", "max_n", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name}: must be >= 1")
+        if self.max_prompt_chars < 0:
+            raise ConfigError(f"{key}.max_prompt_chars: must be >= 0")
 
 
 @dataclass

@@ -27,3 +27,7 @@ class ModelNotFoundError(ConfigError):
 
 class EngineOverloadedError(SpecDecError):
     """The waiting queue is full; the caller should retry later."""
+
+
+class ServerDrainingError(SpecDecError):
+    """The server is shutting down and takes no new requests; the caller should retry elsewhere."""

@@ -1,9 +1,15 @@
 """Per-request bookkeeping shared by the in-process engine and the Ray router: validation and
-tokenisation in, stop conditions and streamed text out. No model code."""
+tokenisation in, token-level stop conditions out. No model code.
+
+Building a request (validating, tokenising) touches no engine state, so front doors do it in their own
+threads (`build`), and only `enqueue` runs where the step loop runs.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -11,18 +17,23 @@ from dataclasses import dataclass, field
 
 from cluster.adaptive_k import next_k
 from cluster.errors import EngineOverloadedError, InvalidRequestError
-from cluster.text import find_stop, holdback
+from cluster.metrics import EngineMetrics
+from cluster.text import TextStream
 from cluster.types import (
     FINISH_CANCELLED,
     FINISH_EOS,
+    FINISH_ERROR,
     FINISH_LENGTH,
-    FINISH_STOP,
     FinalDelta,
+    RequestLimits,
     RequestOutput,
     SamplingParams,
     SpecStats,
-    StreamDelta,
+    TokenDelta,
+    TokenLogprob,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,9 +45,9 @@ class Sequence:
     num_prompt: int
     k: int  # current draft length
     stats: SpecStats = field(default_factory=SpecStats)
-    sent_chars: int = 0  # text already streamed
     draft_synced: int = 0  # tokens the draft worker has been sent
     finish_reason: str | None = None
+    error: str | None = None  # with finish_reason "error"
     target: int = -1  # pinned target replica (router)
     drafter: int = -1  # pinned draft worker (router); -1: none
     arrival: float = 0.0
@@ -56,28 +67,42 @@ class RequestQueue:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def _init_requests(self, tokenizer, vocab_size: int, max_context: int | None, eos: set[int]) -> None:
+    def _init_requests(self, tokenizer, vocab_size: int, max_context: int | None, eos: set[int],
+                       metrics_label: str) -> None:
         """Input validation and output processing, bounded by the model's context and the config."""
         limits = self.config.limits
         self.tokenizer = tokenizer
+        self.eos_ids = set(eos)
         self.max_model_len = min(limits.max_model_len, max_context or limits.max_model_len)
-        self.requests = RequestBuilder(tokenizer, vocab_size, self.max_model_len, limits.max_tokens)
-        self.output = OutputProcessor(tokenizer, eos, self.max_model_len)
+        request_limits = RequestLimits(limits.max_tokens, vocab_size, limits.max_stop_strings, limits.max_stop_chars)
+        max_chars = limits.max_prompt_chars or self.max_model_len * longest_token_chars(tokenizer)
+        self.requests = RequestBuilder(tokenizer, request_limits, self.max_model_len, max_chars)
+        self.output = OutputProcessor(self.eos_ids, self.max_model_len)
+        self.metrics = EngineMetrics(metrics_label)
+        self._started = time.perf_counter()
 
     @property
     def drafting(self) -> bool:
         """Whether new requests start with speculation (K > 0)."""
         raise NotImplementedError
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Validate and queue a request; it joins the batch at the next step. Raises typed errors."""
+    def build(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
+        """Validate and tokenise a request without touching engine state (safe from any thread)."""
         k = self.config.speculation.k if self.drafting else 0
-        seq = self.requests.build(prompt, params or self.default_params(), k, request_id)
+        return self.requests.build(prompt, params or self.default_params(), k, request_id)
+
+    def enqueue(self, seq: Sequence) -> str:
+        """Queue a built request; it joins the batch at the next step."""
         if len(self.waiting) >= self.config.limits.max_waiting:
             raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
+        seq.k = self.config.speculation.k if self.drafting else 0
         seq.arrival = time.perf_counter()
         self.waiting.append(seq)
         return seq.request_id
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; it joins the batch at the next step. Raises typed errors."""
+        return self.enqueue(self.build(prompt, params, request_id))
 
     def default_params(self, **overrides) -> SamplingParams:
         d = self.config.sampling
@@ -85,18 +110,21 @@ class RequestQueue:
         base = dict(max_tokens=max_tokens, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
         return SamplingParams(**{**base, **overrides})
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request and free its caches at once. Returns whether it was still in flight."""
+    def abort(self, request_id: str, reason: str = FINISH_CANCELLED) -> Sequence | None:
+        """Finish a request now (cancelled, or stopped by a stop string found outside the step) and free
+        its caches. Returns the sequence, or None if it was no longer in flight."""
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
-                return True
+                seq.finish_reason = reason
+                self.metrics.requests.labels(reason).inc()
+                return seq
         for seq in self.running:
             if seq.request_id == request_id:
-                seq.finish_reason = FINISH_CANCELLED
+                seq.finish_reason = reason
                 self._retire()
-                return True
-        return False
+                return seq
+        return None
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -106,49 +134,92 @@ class RequestQueue:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequestError("params", "one SamplingParams per prompt")
-        for prompt, p in zip(prompts, plist):
-            self.requests.build(prompt, p or self.default_params(), 0)
-        if len(self.waiting) + len(prompts) > self.config.limits.max_waiting:  # add_request's own bound
+        seqs = [self.build(prompt, p) for prompt, p in zip(prompts, plist)]
+        if len(self.waiting) + len(seqs) > self.config.limits.max_waiting:  # enqueue's own bound
             raise EngineOverloadedError(f"{len(prompts)} requests do not fit the waiting queue")
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
-        return collect(self.step, ids)
+        streams = {seq.request_id: self.text_stream(seq) for seq in seqs}
+        for seq in seqs:
+            self.enqueue(seq)
+        return collect(self, streams)
 
-    def _apply_verify(self, seq: Sequence, draft: list[int], accepted: int, token: int, drafting: bool) -> StreamDelta:
-        """Record one verify pass of `seq` (stats, adaptive K) and append what it accepted."""
+    def text_stream(self, seq: Sequence) -> TextStream:
+        return TextStream(self.tokenizer, seq.request_id, seq.params, seq.num_prompt, seq.seed)
+
+    # --- shared step bookkeeping ----------------------------------------------------------------
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None) -> TokenDelta:
+        """Append emitted tokens (failing the request alone if that raises) and make its delta."""
+        try:
+            delta = self.output.append(seq, tokens, logprobs)
+        except Exception as error:
+            log.exception("output processing failed for request %s", seq.request_id)
+            return self._fail(seq, f"{type(error).__name__} in output processing")
+        if seq.first_token_at is None and delta.token_ids:
+            seq.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(seq.first_token_at - seq.arrival)
+        self.metrics.tokens.inc(len(delta.token_ids))
+        return delta
+
+    def _apply_verify(self, seq: Sequence, draft: list[int], accepted: int, token: int,
+                      logprobs: list[TokenLogprob] | None, drafting: bool) -> TokenDelta:
+        """Record one verify pass of `seq` (stats, adaptive K, metrics) and append what it accepted."""
         seq.stats.add(SpecStats(steps=1, drafted=len(draft), accepted=accepted))
+        self.metrics.observe_verify(len(draft), accepted)
         spec = self.config.speculation
         if drafting and spec.adaptive:
             seq.k = next_k(seq.k, len(draft), accepted, spec.k_min, spec.k_max)
-        return self.output.append(seq, draft[:accepted] + [token])
+        return self._emit(seq, draft[:accepted] + [token], logprobs)
+
+    def _fail(self, seq: Sequence, message: str) -> TokenDelta:
+        """Fail one request alone: it is retired (its caches freed) at the end of the step."""
+        log.error("request %s failed: %s", seq.request_id, message)
+        seq.finish_reason, seq.error = FINISH_ERROR, message
+        self.metrics.errors.inc()
+        return self.output.final(seq, [], None)
+
+    def _finished(self, seq: Sequence) -> None:
+        """Metrics for a request leaving the batch."""
+        self.metrics.requests.labels(seq.finish_reason).inc()
+        n = len(seq.output_ids)
+        if seq.first_token_at is not None and n > 1:
+            self.metrics.tpot.observe((time.perf_counter() - seq.first_token_at) / (n - 1))
 
     def _retire(self) -> None:
         raise NotImplementedError
 
 
-def collect(step, ids: list[str]) -> list[RequestOutput]:
-    """Call `step()` until every request in `ids` has finished; assemble their outputs."""
+def collect(engine: RequestQueue, streams: dict[str, TextStream]) -> list[RequestOutput]:
+    """Step until every request in `streams` has finished; returns their outputs in order. Text and stop
+    strings are handled here, as a front door's consumer thread would."""
     results: dict[str, RequestOutput] = {}
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    while len(results) < len(ids):
-        for d in step():
-            if d.request_id in tokens:
-                tokens[d.request_id].extend(d.token_ids)
-                if isinstance(d, FinalDelta):
-                    results[d.request_id] = RequestOutput(
-                        d.request_id, d.prompt_tokens, tokens[d.request_id], d.full_text, d.finish_reason, d.stats
-                    )
-    return [results[i] for i in ids]
+    while len(results) < len(streams):
+        for d in engine.step():
+            stream = streams.get(d.request_id)
+            if stream is None or d.request_id in results:
+                continue
+            out = stream.feed(d)
+            if stream.stopped:
+                seq = engine.abort(d.request_id, out.finish_reason)
+                out.stats = seq.stats if seq is not None else out.stats
+            if isinstance(out, FinalDelta):
+                results[d.request_id] = RequestOutput(d.request_id, out.prompt_tokens, stream.ids, out.full_text,
+                                                      out.finish_reason, out.stats,
+                                                      stream.logprobs if stream.params.logprobs is not None else None,
+                                                      stream.seed)
+    return [results[i] for i in streams]
 
 
 class RequestBuilder:
     """Validate a request and turn it into a Sequence. Raises InvalidRequestError naming the field."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_tokens: int):
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.max_model_len, self.max_tokens = max_model_len, max_tokens
+    def __init__(self, tokenizer, limits: RequestLimits, max_model_len: int, max_prompt_chars: int):
+        self.tokenizer, self.limits = tokenizer, limits
+        self.max_model_len, self.max_prompt_chars = max_model_len, max_prompt_chars
+        self._lock = threading.Lock()  # HF fast tokenizers are not safe to encode from several threads
 
     def build(self, prompt: str | list[int], params: SamplingParams, k: int, request_id: str | None = None) -> Sequence:
-        params = params.validate(self.max_tokens)
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", "must be SamplingParams")
+        params = params.validate(self.limits)
         tokens = self.tokenize(prompt)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         return Sequence(request_id or uuid.uuid4().hex, params, seed, tokens, len(tokens), k)
@@ -157,11 +228,17 @@ class RequestBuilder:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "must not be empty")
-            tokens = self.tokenizer.encode(prompt)
-        else:
+            if len(prompt) > self.max_prompt_chars:  # checked before tokenising: bounded work per request
+                raise InvalidRequestError("prompt", f"{len(prompt)} characters; at most {self.max_prompt_chars}")
+            with self._lock:
+                tokens = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
             tokens = list(prompt)
-            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in tokens):
-                raise InvalidRequestError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+            vocab = self.limits.vocab_size
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+                raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        else:
+            raise InvalidRequestError("prompt", "must be a string or a list of token ids")
         if not tokens:
             raise InvalidRequestError("prompt", "must not be empty")
         if len(tokens) >= self.max_model_len:
@@ -172,10 +249,10 @@ class RequestBuilder:
 
 
 class OutputProcessor:
-    """Append accepted tokens up to the first stop condition and produce the stream delta."""
+    """Append emitted tokens up to the first token-level stop (EOS, max_tokens, context end)."""
 
-    def __init__(self, tokenizer, eos_ids: set[int], max_model_len: int):
-        self.tokenizer, self.eos_ids, self.max_model_len = tokenizer, eos_ids, max_model_len
+    def __init__(self, eos_ids: set[int], max_model_len: int):
+        self.eos_ids, self.max_model_len = eos_ids, max_model_len
 
     def draft_len(self, seq: Sequence) -> int:
         """Never draft past what the request may still emit, nor past the context."""
@@ -183,34 +260,31 @@ class OutputProcessor:
         room = self.max_model_len - len(seq.tokens) - 1
         return max(0, min(seq.k, remaining, room))
 
-    def append(self, seq: Sequence, new_tokens: list[int]) -> StreamDelta:
-        params, added, stop_at = seq.params, [], -1
+    def append(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprob] | None) -> TokenDelta:
+        added: list[int] = []
         for token in new_tokens:
             seq.tokens.append(token)
             added.append(token)
             if token in self.eos_ids:
                 seq.finish_reason = FINISH_EOS
-            elif len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+            elif len(seq.output_ids) >= seq.params.max_tokens or len(seq.tokens) >= self.max_model_len:
                 seq.finish_reason = FINISH_LENGTH
-            elif params.stop:
-                stop_at = find_stop(self.decode(seq), params.stop, max(0, seq.sent_chars - 64))
-                if stop_at >= 0:
-                    seq.finish_reason = FINISH_STOP
             if seq.finish_reason:
                 break
-        text = self.decode(seq)
-        if stop_at >= 0:
-            text = text[:stop_at]
-        visible = len(text) if seq.finish_reason else len(text) - holdback(text, params.stop)
-        piece = text[seq.sent_chars : visible] if visible > seq.sent_chars else ""
-        seq.sent_chars = max(seq.sent_chars, visible)
+        logprobs = None if logprobs is None else logprobs[: len(added)]
         if seq.finish_reason:
-            return FinalDelta(seq.request_id, added, piece, seq.finish_reason, seq.num_prompt,
-                              len(seq.output_ids), seq.stats, text)
-        return StreamDelta(seq.request_id, added, piece)
+            return self.final(seq, added, logprobs)
+        return TokenDelta(seq.request_id, added, logprobs)
 
-    def decode(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+    @staticmethod
+    def final(seq: Sequence, added: list[int], logprobs) -> TokenDelta:
+        return TokenDelta(seq.request_id, added, logprobs, seq.finish_reason, seq.num_prompt, seq.stats, seq.error)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers: a prompt longer than max_model_len times this
+    cannot fit, so it is refused before it is tokenised."""
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
 
 
 def eos_ids(model, tokenizer=None) -> set[int]:

@@ -24,8 +24,10 @@ def resolve_config(path: str) -> str:
 
 
 def build_app(args: dict):
-    """args: config (engine YAML path), grpc_port, engine ("router" | "local"), autoscaling_config,
-    ray_actor_options. Each replica is one router with its own draft and target actor pools."""
+    """args: config (engine YAML path), grpc_port, grpc_host (default loopback), engine ("router" |
+    "local"), drain_timeout_s, autoscaling_config, ray_actor_options. Each replica is one router with its
+    own draft and target actor pools."""
+    drain_timeout_s = float(args.get("drain_timeout_s", 30))
     deployment = serve.deployment(
         name="SpecDecServer",
         autoscaling_config=args.get("autoscaling_config", DEFAULT_AUTOSCALING),
@@ -37,5 +39,7 @@ def build_app(args: dict):
     return deployment.bind(
         config_path=resolve_config(args.get("config", "configs/default.yaml")),
         grpc_port=int(args.get("grpc_port", 50051)),
+        grpc_host=str(args.get("grpc_host", "127.0.0.1")),
         engine=args.get("engine", "router"),
+        drain_timeout_s=drain_timeout_s,
     )

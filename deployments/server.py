@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class SpecDecServer:
-    def __init__(self, config_path: str, grpc_port: int = 50051, grpc_host: str = "0.0.0.0", engine: str = "router",
-                 drain_timeout_s: float = 30.0):
+    def __init__(self, config_path: str, grpc_port: int = 50051, grpc_host: str = "127.0.0.1",
+                 engine: str = "router", drain_timeout_s: float = 30.0):
         config = load_config(config_path)
         if engine == "router":  # per-step traffic goes straight to the actors this router starts
             from cluster.router import Router
@@ -34,22 +34,37 @@ class SpecDecServer:
         self.drain_timeout_s = drain_timeout_s
         self.driver = EngineDriver(self.engine)
         api_key = os.environ.get(API_KEY_ENV) or None
-        openai_api.configure(self.driver, self.model_id, self.engine.tokenizer, api_key)
+        openai_api.configure(self.driver, self.model_id, api_key)
         # Replicas on one node share the port (gRPC sets SO_REUSEPORT): the kernel spreads connections.
         self.grpc_server, self.grpc_port = build_server(
             self.driver, self.model_id, config.drafter.kind if config.speculation.k else "none",
             self.engine.max_model_len, grpc_port, api_key, host=grpc_host,
         )
+        self._stopped = False
         log.info("gRPC on %s:%d, model %s", grpc_host, self.grpc_port, self.model_id)
 
     def check_health(self) -> None:
         """Ray Serve calls this; a dead driver thread makes the replica unhealthy and replaced."""
-        if not self.driver._thread.is_alive():
+        if not self.driver.alive:
             raise RuntimeError("engine driver thread died")
 
+    def drain(self, timeout_s: float | None = None) -> int:
+        """Stop taking requests (new ones get UNAVAILABLE / 503), let those in flight finish within the
+        timeout. Returns how many were still in flight when it gave up (0: all finished)."""
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        self.grpc_server.health.enter_graceful_shutdown()  # probes now see NOT_SERVING
+        self.driver.drain(timeout_s)
+        left = self.driver.in_flight
+        log.info("drained: %d request(s) still in flight", left)
+        return left
+
     def shutdown(self) -> None:
-        """Graceful drain: stop taking RPCs, let in-flight ones finish, then free the workers."""
-        self.grpc_server.stop(grace=self.drain_timeout_s).wait()
+        """Graceful stop: drain, stop the gRPC server, then free the workers."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.drain()
+        self.grpc_server.stop(grace=5).wait()
         self.driver.close()
         if hasattr(self.engine, "shutdown"):
             self.engine.shutdown()

@@ -9,7 +9,7 @@ missed a step (or was replaced) resynchronises on its next call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,13 +23,19 @@ class DraftRequest:
     k: int  # propose at most this many tokens (>= 1)
     params: SamplingParams
     generator: torch.Generator | None = None  # the request's RNG, for drafters that sample
+    num_prompt: int = 0  # tokens[:num_prompt] is the prompt (penalties count the output only)
 
 
 @dataclass
 class DraftProposal:
     tokens: list[list[int]]  # per request, 0..k tokens
-    probs: torch.Tensor | None = None  # [B, K_max, V] processed q, or None: deterministic (one-hot q)
+    probs: list[torch.Tensor | None] = field(default_factory=list)  # per request: [len, V] processed q, or
+    # None (or an empty list): deterministic (one-hot q)
     compute_s: float = 0.0  # time the draft worker spent on this call (the router's pipelining policy reads it)
+    failed: int = 0  # requests whose drafting raised (they got empty drafts)
+
+    def q(self, row: int) -> torch.Tensor | None:
+        return self.probs[row] if self.probs else None
 
 
 class Drafter(ABC):

@@ -32,6 +32,4 @@ class NgramDrafter(Drafter):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
 
     def propose(self, batch: list[DraftRequest]) -> DraftProposal:
-        return DraftProposal(
-            [lookup_continuation(r.tokens, r.k, self.ngram_min, self.ngram_max) for r in batch], None
-        )
+        return DraftProposal([lookup_continuation(r.tokens, r.k, self.ngram_min, self.ngram_max) for r in batch])

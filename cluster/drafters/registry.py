@@ -10,7 +10,8 @@ DRAFTERS = {
 }
 
 
-def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_vocab: int, device: str = "cpu"):
+def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_vocab: int, device: str = "cpu",
+                  eos_ids: tuple[int, ...] = ()):
     """Instantiate the drafter named by `cfg.kind` (imports model code only when it is needed)."""
     cfg.validate("drafter")
     if cfg.kind == "ngram":
@@ -24,4 +25,4 @@ def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_voca
     runner = ModelRunner(load_model(cfg.model, device), num_slots, capacity)
     if runner.vocab_size != target_vocab:
         raise ValueError(f"drafter.model: vocabulary {runner.vocab_size} != target's {target_vocab}")
-    return ModelDrafter(runner, cfg.confidence_threshold)
+    return ModelDrafter(runner, cfg.confidence_threshold, eos_ids)

@@ -29,13 +29,13 @@ from ray.exceptions import RayActorError, RayError
 
 from cluster.adaptive_k import fit_budget
 from cluster.config import EngineConfig
-from cluster.metrics import RouterMetrics
 from cluster.models.loader import load_tokenizer
 from cluster.requests import RequestQueue, Sequence
 from cluster.router.pools import WorkerPool
-from cluster.types import StreamDelta
+from cluster.types import TokenDelta
 from cluster.workers.actors import start_draft_actor, start_target_actor
 from cluster.workers.draft_worker import DraftItem
+from cluster.workers.isolation import Failure
 from cluster.workers.target_worker import PrefillItem, VerifyItem
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ class Router(RequestQueue):
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
         self.slots = limits.max_batch_size  # per target replica (and per draft worker)
         self._capacity = limits.max_model_len + spec.k_max + 1  # a verify may run K+1 past the last token
+        extra_eos = tuple({tokenizer.eos_token_id} - {None})
         self.drafts: WorkerPool | None = None
         self.targets = WorkerPool(
-            "target", lambda i: start_target_actor(cluster.target_pool, config.target, self.slots, self._capacity),
+            "target", lambda i: start_target_actor(cluster.target_pool, config.target, self.slots, self._capacity,
+                                                   extra_eos=extra_eos),
             cluster.target_pool.replicas,
         )
         info = ray.get(self.targets.handles[0].info.remote())  # vocabulary, context, EOS: from the model itself
@@ -63,19 +65,17 @@ class Router(RequestQueue):
             self.drafts = WorkerPool(
                 "draft",
                 lambda i: start_draft_actor(cluster.draft_pool, config.drafter, self.slots, self._capacity,
-                                            self.vocab_size),
+                                            self.vocab_size, eos_ids=tuple(info["eos_ids"])),
                 cluster.draft_pool.replicas,
             )
-        eos = set(info["eos_ids"]) | ({tokenizer.eos_token_id} - {None})
-        self._init_requests(tokenizer, self.vocab_size, info["max_context"], eos)
+        self._init_requests(tokenizer, self.vocab_size, info["max_context"], set(info["eos_ids"]),
+                            config.drafter.kind if spec.k > 0 else "none")
         self._drafts: dict[str, Draft | None] = {}  # None: needs drafting
-        self.metrics = RouterMetrics(config.drafter.kind if spec.k > 0 else "none")
         if cluster.metrics_port:
             self.metrics.serve(cluster.metrics_port)
         self.steps = 0
         self.overhead_s = 0.0  # step wall time not spent computing on the target
         self._draft_ema = self._verify_ema = 0.0  # seconds per call, for the pipelining policy
-        self._started = time.perf_counter()
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         self.targets.wait_ready(timeout)
@@ -87,9 +87,9 @@ class Router(RequestQueue):
         return self.drafts is not None
 
     # --- the step -------------------------------------------------------------------------------
-    def step(self) -> list[StreamDelta]:
+    def step(self) -> list[TokenDelta]:
         start = time.perf_counter()
-        deltas: list[StreamDelta] = []
+        deltas: list[TokenDelta] = []
         prefill_s = self._admit(deltas)  # 1
         if self.pipelining():
             self._balance_phases()
@@ -128,7 +128,7 @@ class Router(RequestQueue):
     def _needs_draft(self) -> list[Sequence]:
         return [s for s in self.running if self._drafts[s.request_id] is None]
 
-    def _admit(self, deltas: list[StreamDelta]) -> float:
+    def _admit(self, deltas: list[TokenDelta]) -> float:
         """Pin and prefill new requests; returns the seconds spent prefilling."""
         new: list[Sequence] = []
         while self.waiting:
@@ -151,26 +151,27 @@ class Router(RequestQueue):
         for seq in new:
             if seq.request_id not in first:  # its replica died during prefill: it was re-queued
                 continue
-            seq.first_token_at = time.perf_counter()
-            self.metrics.ttft.observe(seq.first_token_at - seq.arrival)
             self.running.append(seq)
-            deltas.append(self.output.append(seq, [first[seq.request_id]]))
             self._drafts[seq.request_id] = None  # needs drafting; _balance_phases splits the groups
+            r = first[seq.request_id]
+            if isinstance(r, Failure):
+                deltas.append(self._fail(seq, r.message))
+            else:
+                deltas.append(self._emit(seq, [r.token], r.logprobs))
         return prefill_s
 
-    def _prefill(self, seqs: list[Sequence], resume: bool) -> dict[str, int]:
-        """Prefill on each sequence's pinned replica; returns first tokens (new requests only)."""
+    def _prefill(self, seqs: list[Sequence], resume: bool) -> dict:
+        """Prefill on each sequence's pinned replica; returns each one's Emitted or Failure."""
         calls = {}
         for replica in sorted({s.target for s in seqs}):
             group = [s for s in seqs if s.target == replica]
-            items = [PrefillItem(s.request_id, s.tokens, s.params, s.seed, resume) for s in group]
+            items = [PrefillItem(s.request_id, s.tokens, s.num_prompt, s.params, s.seed, resume) for s in group]
             calls[replica] = (group, self.targets.handles[replica].prefill.remote(items))
-        first: dict[str, int] = {}
+        first: dict = {}
         for replica, (group, ref) in calls.items():
             try:
-                for seq, token in zip(group, ray.get(ref)):
-                    if token is not None:
-                        first[seq.request_id] = token
+                for seq, r in zip(group, ray.get(ref)):
+                    first[seq.request_id] = r
             except RayActorError:
                 self._target_failed(replica, group_in_flight=group, resume=resume)
         return first
@@ -183,7 +184,7 @@ class Router(RequestQueue):
             calls[replica] = (group, self.targets.handles[replica].verify_timed.remote(items))
         return calls
 
-    def _collect_verify(self, calls, deltas: list[StreamDelta]) -> float:
+    def _collect_verify(self, calls, deltas: list[TokenDelta]) -> float:
         """Apply verification results; returns the longest replica compute time of this step."""
         compute = 0.0
         for replica, (group, ref) in calls.items():
@@ -193,13 +194,14 @@ class Router(RequestQueue):
                 self._target_failed(replica)
                 continue
             compute = max(compute, busy)
-            for seq, (n, token) in zip(group, results):
+            for seq, r in zip(group, results):
                 draft = self._drafts[seq.request_id][0]
-                self.metrics.observe_verify(len(draft), n)
-                delta = self._apply_verify(seq, draft, n, token, drafting=seq.drafter >= 0)
-                self.metrics.tokens.inc(len(delta.token_ids))
-                deltas.append(delta)
                 self._drafts[seq.request_id] = None
+                if isinstance(r, Failure):
+                    deltas.append(self._fail(seq, r.message))
+                    continue
+                deltas.append(self._apply_verify(seq, draft, r.accepted, r.token, r.logprobs,
+                                                 drafting=seq.drafter >= 0))
         return compute
 
     def _launch_drafts(self, needs: list[Sequence]) -> dict[int, DraftCall]:
@@ -213,8 +215,8 @@ class Router(RequestQueue):
                 continue
             by_worker.setdefault(seq.drafter, []).append((seq, k))
         for worker, pairs in by_worker.items():
-            items = [DraftItem(s.request_id, s.draft_synced, s.tokens[s.draft_synced:], k, s.params, s.seed)
-                     for s, k in pairs]
+            items = [DraftItem(s.request_id, s.draft_synced, s.tokens[s.draft_synced:], k, s.params, s.seed,
+                               s.num_prompt) for s, k in pairs]
             synced = [len(s.tokens) for s, _ in pairs]
             calls[worker] = (pairs, synced, self.drafts.handles[worker].propose.remote(items))
         return calls
@@ -230,10 +232,12 @@ class Router(RequestQueue):
             try:
                 proposal = ray.get(ref, timeout=0)
                 self._draft_ema = _ema(self._draft_ema, proposal.compute_s)
+                if proposal.failed:
+                    self.metrics.draft_failures.inc()
                 for row, ((seq, k), n_synced) in enumerate(zip(pairs, synced)):
                     tokens = proposal.tokens[row][:k]  # never more than was asked for
-                    probs = None if proposal.probs is None else proposal.probs[row, : len(tokens)]
-                    self._drafts[seq.request_id] = (tokens, probs)
+                    q = proposal.q(row)
+                    self._drafts[seq.request_id] = (tokens, None if q is None else q[: len(tokens)])
                     seq.draft_synced = n_synced
                 continue
             except RayActorError:
@@ -280,7 +284,6 @@ class Router(RequestQueue):
         if not done:
             return
         self.running = [s for s in self.running if not s.finish_reason]
-        now = time.perf_counter()
         for seq in done:
             self._drafts.pop(seq.request_id, None)
             self.targets.pinned[seq.target] -= 1
@@ -288,10 +291,7 @@ class Router(RequestQueue):
             if seq.drafter >= 0:
                 self.drafts.pinned[seq.drafter] -= 1
                 self.drafts.handles[seq.drafter].release.remote([seq.request_id])
-            self.metrics.requests.labels(seq.finish_reason).inc()
-            n = len(seq.output_ids)
-            if seq.first_token_at is not None and n > 1:
-                self.metrics.tpot.observe((now - seq.first_token_at) / (n - 1))
+            self._finished(seq)
 
     # --- state ----------------------------------------------------------------------------------
     def worker_loads(self) -> dict[str, list[dict]]:

@@ -46,11 +46,15 @@ class _DraftActor(DraftWorker, _Placed):
         super().__init__(*args, device=_setup(pool), **kwargs)
 
 
-def start_target_actor(pool: PoolConfig, model_cfg, num_slots: int, capacity: int, name: str | None = None):
+def start_target_actor(pool: PoolConfig, model_cfg, num_slots: int, capacity: int, name: str | None = None,
+                       extra_eos: tuple[int, ...] = ()):
     options = actor_options(pool) | ({"name": name} if name else {})
-    return ray.remote(_TargetActor).options(**options).remote(pool, model_cfg, num_slots, capacity)
+    return ray.remote(_TargetActor).options(**options).remote(pool, model_cfg, num_slots, capacity,
+                                                              extra_eos=extra_eos)
 
 
-def start_draft_actor(pool: PoolConfig, drafter_cfg, num_slots: int, capacity: int, vocab: int, name: str | None = None):
+def start_draft_actor(pool: PoolConfig, drafter_cfg, num_slots: int, capacity: int, vocab: int, name: str | None = None,
+                      eos_ids: tuple[int, ...] = ()):
     options = actor_options(pool) | ({"name": name} if name else {})
-    return ray.remote(_DraftActor).options(**options).remote(pool, drafter_cfg, num_slots, capacity, vocab)
+    return ray.remote(_DraftActor).options(**options).remote(pool, drafter_cfg, num_slots, capacity, vocab,
+                                                             eos_ids=eos_ids)

@@ -11,6 +11,7 @@ from cluster.config import DrafterConfig
 from cluster.drafters.base import DraftProposal, Drafter, DraftRequest
 from cluster.drafters.registry import build_drafter
 from cluster.types import SamplingParams
+from cluster.workers.isolation import Failure, isolated
 
 
 def draft_seed(seed: int) -> int:
@@ -27,20 +28,39 @@ class DraftItem:
     k: int
     params: SamplingParams
     seed: int
+    num_prompt: int = 0
 
 
 class DraftWorker:
     def __init__(self, cfg: DrafterConfig | None, num_slots: int, capacity: int, target_vocab: int,
-                 drafter: Drafter | None = None, device: str = "cpu"):
+                 drafter: Drafter | None = None, device: str = "cpu", eos_ids: tuple[int, ...] = ()):
         if drafter is None:
-            drafter = build_drafter(cfg, num_slots, capacity, target_vocab, device)
+            drafter = build_drafter(cfg, num_slots, capacity, target_vocab, device, tuple(eos_ids))
         self.drafter = drafter
         self.tokens: dict[str, list[int]] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.busy_s = 0.0
 
     def propose(self, items: list[DraftItem]) -> DraftProposal:
+        """Drafts for every item. An item whose drafting raises gets an empty draft (it verifies without
+        one: exact, only slower) and its state here is dropped, so it resynchronises next time."""
         start = time.perf_counter()
+        rows = isolated(self._propose, items)
+        proposal = DraftProposal([], [])
+        for item, row in zip(items, rows):
+            if isinstance(row, Failure):
+                self.release([item.seq_id])
+                proposal.failed += 1
+                row = ([], None)
+            proposal.tokens.append(row[0])
+            proposal.probs.append(row[1])
+        if all(q is None for q in proposal.probs):
+            proposal.probs = []
+        proposal.compute_s = time.perf_counter() - start
+        self.busy_s += proposal.compute_s
+        return proposal
+
+    def _propose(self, items: list[DraftItem]) -> list[tuple[list[int], torch.Tensor | None]]:
         requests = []
         for item in items:
             tokens = self.tokens.setdefault(item.seq_id, [])
@@ -51,11 +71,9 @@ class DraftWorker:
             gen = self.generators.get(item.seq_id)
             if gen is None:
                 gen = self.generators[item.seq_id] = torch.Generator().manual_seed(draft_seed(item.seed))
-            requests.append(DraftRequest(item.seq_id, tokens, item.k, item.params, gen))
+            requests.append(DraftRequest(item.seq_id, tokens, item.k, item.params, gen, item.num_prompt))
         proposal = self.drafter.propose(requests)
-        proposal.compute_s = time.perf_counter() - start
-        self.busy_s += proposal.compute_s
-        return proposal
+        return [(proposal.tokens[row], proposal.q(row)) for row in range(len(items))]
 
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:

@@ -32,7 +32,7 @@ def http(make_engine):
     base = make_engine("ngram", k=3, max_tokens=200)
     engine = SpecEngine(base.config, model=base.target.runner.model, tokenizer=base.tokenizer, drafter=_SlowDrafter())
     driver = EngineDriver(engine)
-    openai_api.configure(driver, "tiny", engine.tokenizer, api_key="s3cret")
+    openai_api.configure(driver, "tiny", api_key="s3cret")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,7 +45,7 @@ def http(make_engine):
     server.should_exit = True
     thread.join(timeout=10)
     driver.close()
-    openai_api.configure(None, "", None, None)
+    openai_api.configure(None, "", None)
 
 
 def _post(url, body, key=None):

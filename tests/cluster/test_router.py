@@ -66,17 +66,24 @@ def test_pipelining_overlaps_drafting_with_verification(router, reference):
 
 def _generate_with_fault(router, fault, after_steps=3):
     """Generate PROMPTS, calling fault() once after a few steps, mid-load."""
-    ids = [router.add_request(p, s) for p, s in zip(PROMPTS, PARAMS)]
-    steps = 0
+    seqs = [router.build(p, s) for p, s in zip(PROMPTS, PARAMS)]
+    streams = {seq.request_id: router.text_stream(seq) for seq in seqs}
+    for seq in seqs:
+        router.enqueue(seq)
+    steps, step = 0, router.step
 
-    def step():
+    def faulty_step():
         nonlocal steps
         steps += 1
         if steps == after_steps + 1:
             fault()
-        return router.step()
+        return step()
 
-    return collect(step, ids)
+    router.step = faulty_step
+    try:
+        return collect(router, streams)
+    finally:
+        del router.step
 
 
 def test_killing_a_draft_worker_loses_nothing(router, reference):

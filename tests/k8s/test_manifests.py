@@ -114,10 +114,14 @@ def test_serve_config_validates_and_agrees_with_the_local_one(serve_config):
     ServeDeploySchema.model_validate(serve_config) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(serve_config)
     local = yaml.safe_load((ROOT / "deployments" / "configs" / "serve.yaml").read_text())
+    serve_config = json.loads(json.dumps(serve_config))  # a copy: the module's fixture stays intact
     k8s_app, local_app = serve_config["applications"][0], local["applications"][0]
     assert k8s_app["args"].pop("config") == "configs/k8s.yaml"
     local_app["args"].pop("config")
-    assert k8s_app == local_app  # only the engine config may differ
+    # Pods listen on every interface (behind Services and the API key); the local config on loopback only.
+    assert k8s_app["args"].pop("grpc_host") == "0.0.0.0" and local_app["args"].pop("grpc_host") == "127.0.0.1"
+    assert serve_config["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
+    assert k8s_app == local_app  # only the engine config and the bind addresses may differ
     assert serve_config["http_options"]["port"] == local["http_options"]["port"]
 
 

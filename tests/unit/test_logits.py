@@ -1,41 +1,41 @@
 import torch
 from scipy.stats import chisquare
 
-from cluster.sampling.logits import process_logits, sample_from
+from cluster.sampling.logits import SamplingTensors, process_logits, sample_from
 
 
 def _params(b, t=1.0, k=0, p=1.0):
-    return torch.full((b,), t), torch.full((b,), k), torch.full((b,), p)
+    return SamplingTensors.make(torch.full((b,), t), torch.full((b,), k), torch.full((b,), p))
 
 
 def test_greedy_is_one_hot_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0, 1.9]])
-    probs = process_logits(logits, *_params(1, t=0.0))
+    probs = process_logits(logits, _params(1, t=0.0))
     assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
 
 
 def test_temperature_scales_logits():
     logits = torch.randn(3, 7)
-    probs = process_logits(logits, *_params(3, t=0.5))
+    probs = process_logits(logits, _params(3, t=0.5))
     assert torch.allclose(probs, torch.softmax(logits / 0.5, -1), atol=1e-6)
 
 
 def test_top_k_keeps_k_most_likely():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
-    probs = process_logits(logits, *_params(1, k=2))
+    probs = process_logits(logits, _params(1, k=2))
     assert (probs > 0).tolist() == [[False, True, False, True, False]]
     assert torch.isclose(probs.sum(), torch.tensor(1.0))
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs_in = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    out = process_logits(probs_in.log(), *_params(1, p=0.75))
+    out = process_logits(probs_in.log(), _params(1, p=0.75))
     assert (out > 0).tolist() == [[True, True, False, False]]  # 0.5 < 0.75 <= 0.8
     assert torch.allclose(out[0, :2], torch.tensor([0.625, 0.375]))
 
 
 def test_top_p_always_keeps_the_top_token():
-    out = process_logits(torch.tensor([[3.0, 0.0, 0.0]]), *_params(1, p=0.01))
+    out = process_logits(torch.tensor([[3.0, 0.0, 0.0]]), _params(1, p=0.01))
     assert out.tolist()[0][0] == 1.0
 
 
@@ -44,9 +44,10 @@ def test_per_row_parameters_in_one_batch_over_positions():
     t = torch.tensor([0.0, 1.0, 2.0])
     k = torch.tensor([0, 2, 0])
     p = torch.tensor([1.0, 1.0, 0.5])
-    out = process_logits(logits, t, k, p)
+    out = process_logits(logits, SamplingTensors.make(t, k, p))
     for row in range(3):
-        alone = process_logits(logits[row : row + 1], t[row : row + 1], k[row : row + 1], p[row : row + 1])
+        alone = process_logits(logits[row : row + 1], SamplingTensors.make(t[row : row + 1], k[row : row + 1],
+                                                                            p[row : row + 1]))
         assert torch.allclose(out[row], alone[0])
     assert ((out[0] > 0).sum(-1) == 1).all()
     assert ((out[1] > 0).sum(-1) == 2).all()

@@ -24,7 +24,7 @@ def test_ngram_drafter_batch_has_no_probs():
     drafter = NgramDrafter(1, 3)
     p = SamplingParams()
     proposal = drafter.propose([DraftRequest("a", [1, 2, 1], 2, p), DraftRequest("b", [7, 8], 2, p)])
-    assert proposal.tokens == [[2, 1], []] and proposal.probs is None
+    assert proposal.tokens == [[2, 1], []] and proposal.q(0) is None and proposal.q(1) is None
 
 
 def test_find_stop_and_holdback():

@@ -24,27 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecdec/v1/generation.proto\x12\nspecdec.v1\"\xdb\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rinclude_stats\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"s\n\x10SpeculationStats\x12\x15\n\rtarget_passes\x18\x01 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\"\x96\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\"\x9c\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12+\n\x05stats\x18\x04 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"\x13\n\x11ListModelsRequest\"?\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.specdec.v1.ModelInfo2\xf5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\".specdec.v1.GenerateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.specdec.v1.ListModelsRequest\x1a\x1e.specdec.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecdec/v1/generation.proto\x12\nspecdec.v1\"\xd0\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rinclude_stats\x18\t \x01(\x08\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.specdec.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x03\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.specdec.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12\t\n\x01n\x18\x11 \x01(\r\x12\x15\n\x08logprobs\x18\x12 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x13 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"s\n\x10SpeculationStats\x12\x15\n\rtarget_passes\x18\x01 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"n\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.specdec.v1.TopLogprob\"\xbe\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"\xf5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\x12#\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x12.specdec.v1.Choice\"\xe5\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12+\n\x05stats\x18\x04 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\r\n\x05index\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"?\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.specdec.v1.ModelInfo2\xf5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\".specdec.v1.GenerateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.specdec.v1.ListModelsRequest\x1a\x1e.specdec.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=263
-  _globals['_SPECULATIONSTATS']._serialized_start=265
-  _globals['_SPECULATIONSTATS']._serialized_end=380
-  _globals['_GENERATERESPONSE']._serialized_start=383
-  _globals['_GENERATERESPONSE']._serialized_end=533
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=536
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=692
-  _globals['_LISTMODELSREQUEST']._serialized_start=694
-  _globals['_LISTMODELSREQUEST']._serialized_end=713
-  _globals['_MODELINFO']._serialized_start=715
-  _globals['_MODELINFO']._serialized_end=778
-  _globals['_LISTMODELSRESPONSE']._serialized_start=780
-  _globals['_LISTMODELSRESPONSE']._serialized_end=839
-  _globals['_GENERATION']._serialized_start=842
-  _globals['_GENERATION']._serialized_end=1087
+  _globals['_GENERATEREQUEST']._serialized_end=636
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=518
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=566
+  _globals['_CHATMESSAGE']._serialized_start=638
+  _globals['_CHATMESSAGE']._serialized_end=682
+  _globals['_SPECULATIONSTATS']._serialized_start=684
+  _globals['_SPECULATIONSTATS']._serialized_end=799
+  _globals['_TOPLOGPROB']._serialized_start=801
+  _globals['_TOPLOGPROB']._serialized_end=863
+  _globals['_TOKENLOGPROB']._serialized_start=865
+  _globals['_TOKENLOGPROB']._serialized_end=975
+  _globals['_CHOICE']._serialized_start=978
+  _globals['_CHOICE']._serialized_end=1168
+  _globals['_GENERATERESPONSE']._serialized_start=1171
+  _globals['_GENERATERESPONSE']._serialized_end=1416
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1419
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1648
+  _globals['_LISTMODELSREQUEST']._serialized_start=1650
+  _globals['_LISTMODELSREQUEST']._serialized_end=1669
+  _globals['_MODELINFO']._serialized_start=1671
+  _globals['_MODELINFO']._serialized_end=1734
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1736
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1795
+  _globals['_GENERATION']._serialized_start=1798
+  _globals['_GENERATION']._serialized_end=2043
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Stream each newly accepted piece of text; the last message carries the finish reason and statistics.
+        """Stream each newly accepted piece of text; the last message of each sample carries its finish
+        reason and statistics.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

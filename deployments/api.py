@@ -173,26 +173,26 @@ def chat_prompt(tokenizer, messages) -> str:
 def submit(driver: EngineDriver, request: ApiRequest, is_active) -> list[Choice]:
     """One stream per prompt x sample. Choice 0 uses the request's seed (drawn here if none was sent and
     there are several choices); choice i > 0 a seed derived from it, so a whole request replays from one
-    seed and each choice reports its own. If any submission fails, the ones before it are cancelled."""
+    seed and each choice reports its own. All are queued together, or none."""
     base = request.params.seed
     count = len(request.prompts) * request.n
     if base is None and count > 1:
         base = int.from_bytes(os.urandom(8), "little") >> 1
-    choices: list[Choice] = []
-    try:
-        for p, prompt in enumerate(request.prompts):
-            for j in range(request.n):
-                index = p * request.n + j
-                seed = base if index == 0 or base is None else sample_seed(base, index)
-                stream = driver.stream(prompt, dataclasses.replace(request.params, seed=seed), is_active)
-                echo = ""
-                if request.echo:
-                    echo = prompt if isinstance(prompt, str) else driver.tokenizer.decode(prompt)
-                choices.append(Choice(index, p, stream, echo))
-    except BaseException:
-        for c in choices:
-            c.stream.close()
-        raise
+    wanted, index_of = [], []
+    for p, prompt in enumerate(request.prompts):
+        for j in range(request.n):
+            index = p * request.n + j
+            seed = base if index == 0 or base is None else sample_seed(base, index)
+            wanted.append((prompt, dataclasses.replace(request.params, seed=seed)))
+            index_of.append((index, p))
+    streams = driver.stream_many(wanted, is_active)  # all queued together, or none
+    choices = []
+    for (index, p), stream in zip(index_of, streams):
+        prompt = request.prompts[p]
+        echo = ""
+        if request.echo:
+            echo = prompt if isinstance(prompt, str) else driver.tokenizer.decode(prompt)
+        choices.append(Choice(index, p, stream, echo))
     if request.user:
         log.info("requests %s for user %r", [c.stream.request_id for c in choices], request.user)
     return choices

@@ -41,8 +41,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     warn_if_exposed(args.host, os.environ.get(API_KEY_ENV), "HTTP and gRPC")
     # address="local": always a new local Ray of our own, so two servers can run side by side.
-    ray.init(address="local", resources={"target_node": 2, "draft_node": 2, "ingress": 1}, include_dashboard=False,
-             _node_ip_address="127.0.0.1" if args.host in ("127.0.0.1", "localhost") else None)
+    ray.init(address="local", resources={"target_node": 2, "draft_node": 2, "ingress": 1}, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.http_port})
         app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]  # the same app as `serve run` and k8s

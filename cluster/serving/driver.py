@@ -52,17 +52,31 @@ class EngineDriver:
 
     def submit(self, prompt, params: SamplingParams) -> tuple[str, queue.Queue, TextStream]:
         """Validate and tokenise here, in the caller's thread; then queue the request. Raises typed errors."""
+        return self.submit_many([(prompt, params)])[0]
+
+    def submit_many(self, requests: list[tuple]) -> list[tuple[str, queue.Queue, TextStream]]:
+        """Several requests at once (the samples of one API call): built here, then queued together
+        under one lock, so they join the same step; if any cannot be queued, none stays queued."""
         if self._draining or self._closed:
             raise ServerDrainingError("the server is shutting down; retry on another replica")
-        seq = self.engine.build(prompt, params)
-        text = self.engine.text_stream(seq)
+        seqs = [self.engine.build(prompt, params) for prompt, params in requests]
+        texts = [self.engine.text_stream(seq) for seq in seqs]
+        out = []
         with self._lock:
             if self._closed or self._draining:
                 raise ServerDrainingError("the server is shutting down; retry on another replica")
-            request_id = self.engine.enqueue(seq)
-            self._queues[request_id] = deltas = queue.Queue()
+            try:
+                for seq, text in zip(seqs, texts):
+                    request_id = self.engine.enqueue(seq)
+                    self._queues[request_id] = deltas = queue.Queue()
+                    out.append((request_id, deltas, text))
+            except BaseException:
+                for request_id, _, _ in out:
+                    self._queues.pop(request_id, None)
+                    self.engine.abort(request_id)
+                raise
             self._lock.notify()
-        return request_id, deltas, text
+        return out
 
     def cancel(self, request_id: str, reason: str = FINISH_CANCELLED):
         """Finish a request now; returns its sequence (for its statistics) or None once it has finished."""
@@ -75,8 +89,13 @@ class EngineDriver:
                poll_s: float = 0.05) -> DeltaStream:
         """Submit now (typed errors raise here, before any output) and return an iterator over the
         request's text deltas; closing it, or is_active() turning false, cancels the request."""
-        request_id, deltas, text = self.submit(prompt, params)
-        return DeltaStream(self, request_id, deltas, text, is_active, poll_s)
+        return self.stream_many([(prompt, params)], is_active, poll_s)[0]
+
+    def stream_many(self, requests: list[tuple], is_active: Callable[[], bool] = lambda: True,
+                    poll_s: float = 0.05) -> list[DeltaStream]:
+        """submit_many, with a DeltaStream for each request."""
+        return [DeltaStream(self, request_id, deltas, text, is_active, poll_s)
+                for request_id, deltas, text in self.submit_many(requests)]
 
     def generate(self, prompt, params: SamplingParams, is_active: Callable[[], bool] = lambda: True) -> FinalDelta | None:
         """Run to completion; returns the final delta (full text, totals) or None if cancelled."""

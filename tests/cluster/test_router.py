@@ -150,3 +150,30 @@ def test_target_only_router(ray_local, tiny_models, reference):
         assert [o.token_ids for o in router.generate(PROMPTS, PARAMS)] == reference
     finally:
         router.shutdown()
+
+
+def test_a_request_failing_in_a_target_actor_fails_alone(router, reference):
+    """Fault injected into the real actors: the faulty request ends with finish_reason 'error', the
+    others are exact, and every slot, sequence and pin is freed."""
+
+    def inject(worker):
+        accept = type(worker)._accept
+
+        def faulty(self, logits, seqs, items):
+            if any(s.params.seed == 666 for s in seqs):
+                raise RuntimeError("injected fault")
+            return accept(self, logits, seqs, items)
+
+        worker._accept = faulty.__get__(worker)
+
+    ray.get([h.__ray_call__.remote(inject) for h in router.targets.handles])
+    try:
+        params = PARAMS[:8] + [SamplingParams(max_tokens=20, temperature=1.0, seed=666)]
+        outputs = router.generate(PROMPTS[:8] + [PROMPTS[0]], params)
+    finally:
+        ray.get([h.__ray_call__.remote(lambda w: w.__dict__.pop("_accept", None)) for h in router.targets.handles])
+    assert [o.token_ids for o in outputs[:8]] == reference[:8]
+    assert outputs[8].finish_reason == "error"
+    assert all(p == 0 for p in router.targets.pinned) and all(p == 0 for p in router.drafts.pinned)
+    assert _all_released(router)
+    assert router.metrics.value("specdec_request_errors_total") >= 1

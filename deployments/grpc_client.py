@@ -21,12 +21,13 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="127.0.0.1:50051")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None, help="replay a sampled request (the server reports its seed)")
     args = parser.parse_args(argv)
     metadata = [("authorization", f"Bearer {os.environ['SPECDEC_API_KEY']}")] if os.environ.get("SPECDEC_API_KEY") else []
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         request = pb.GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                     include_stats=True)
+                                     include_stats=True, seed=args.seed)
         try:
             for message in stub.GenerateStream(request, metadata=metadata):
                 print(message.text, end="", flush=True)
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
                     print(f"\n\n[finish={message.finish_reason} prompt_tokens={message.prompt_tokens} "
                           f"completion_tokens={message.completion_tokens} target_passes={s.target_passes} "
                           f"drafted={s.drafted_tokens} accepted={s.accepted_tokens} "
-                          f"acceptance={s.acceptance_rate:.2f}]")
+                          f"acceptance={s.acceptance_rate:.2f} seed={message.seed}]")
         except grpc.RpcError as error:
             print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -11,64 +11,73 @@ from pathlib import Path
 
 import yaml
 
-from cluster.errors import ConfigError, ModelNotFoundError, UnknownDrafterError
+from cluster.drafters.registry import DRAFTERS
+from cluster.errors import ConfigError, UnknownDrafterError
+from cluster.model_config import DTYPES, ModelConfig, check_model_dir  # noqa: F401 (re-exported)
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass
-class ModelConfig:
-    path: str = ""
-    dtype: str = "float32"
-    gguf_file: str | None = None  # load a GGUF file inside `path` instead of safetensors
-
-    def validate(self, key: str) -> None:
-        if not self.path:
-            raise ConfigError(f"{key}.path: required")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"{key}.dtype: {self.dtype!r} is not one of {DTYPES}")
 
 
 @dataclass
 class DrafterConfig:
-    kind: str = "ngram"  # a name in cluster.drafters.registry.DRAFTERS
-    model: ModelConfig | None = None  # for kind=model
-    ngram_min: int = 1  # for kind=ngram: shortest suffix to look up
-    ngram_max: int = 4  # for kind=ngram: longest suffix to look up
-    confidence_threshold: float = 0.0  # kind=model: stop a draft after a token the draft gives less than this
+    """`kind` names a drafter in cluster.drafters.registry; its settings live in a section of the same
+    name (drafter.model for kind model, drafter.ngram for kind ngram). A section for another kind is
+    refused rather than ignored."""
 
-    def validate(self, key: str) -> None:
-        from cluster.drafters.registry import DRAFTERS  # names only: no model code imported
+    kind: str = "ngram"
+    sections: dict = field(default_factory=dict)  # kind -> that kind's config section
 
+    @property
+    def section(self):
+        """The settings of the chosen kind (its defaults if the file gave none)."""
+        if self.kind not in self.sections:
+            self.sections[self.kind] = DRAFTERS[self.kind].config()
+        return self.sections[self.kind]
+
+    @classmethod
+    def from_data(cls, data, key: str) -> DrafterConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(data).__name__}")
+        kind = data.get("kind", "ngram")
+        if not isinstance(kind, str) or kind not in DRAFTERS:
+            raise UnknownDrafterError(f"{_join(key, 'kind')}: unknown drafter {kind!r}; known: {sorted(DRAFTERS)}")
+        sections = {}
+        for name, value in data.items():
+            if name == "kind":
+                continue
+            if name not in DRAFTERS:
+                raise ConfigError(f"{_join(key, name)}: unknown key; known: kind, {', '.join(sorted(DRAFTERS))}")
+            if name != kind:
+                raise ConfigError(f"{_join(key, name)}: a section for kind {name!r}, but kind is {kind!r}")
+            sections[name] = from_dict(DRAFTERS[name].config, value or {}, _join(key, name))
+        return cls(kind, sections)
+
+    def validate(self, key: str, check_paths: bool = False) -> None:
         if self.kind not in DRAFTERS:
             raise UnknownDrafterError(f"{key}.kind: unknown drafter {self.kind!r}; known: {sorted(DRAFTERS)}")
-        if self.kind == "model":
-            if self.model is None:
-                raise ConfigError(f"{key}.model: required for kind 'model'")
-            self.model.validate(f"{key}.model")
-        if not 0.0 <= self.confidence_threshold < 1.0:
-            raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise ConfigError(f"{key}.ngram_min/ngram_max: need 1 <= ngram_min <= ngram_max")
+        for name in self.sections:
+            if name != self.kind:
+                raise ConfigError(f"{key}.{name}: a section for kind {name!r}, but kind is {self.kind!r}")
+        self.section.validate(f"{key}.{self.kind}", check_paths)
 
 
 @dataclass
 class SpeculationConfig:
-    k: int = 4  # draft length to start each request with; 0 = target-only decoding
-    k_min: int = 1  # adaptive K never goes below this (unless k == 0)
-    k_max: int = 8
-    adaptive: bool = True  # adapt K per request from its recent acceptance
-    # Tokens one verify pass may carry (each request's pending token + its drafts): K shrinks as the batch
-    # grows, to 0 once plain decoding alone fills the pass. ~the hardware's memory-bound knee; 0: unlimited.
-    verify_token_budget: int = 0
+    k: int = 4  # fixed draft length (adaptive: off), and the most a request drafts before it has history
+    k_max: int = 8  # no request drafts more than this per step
+    adaptive: bool = True  # the cost model chooses each request's draft length every step (0 included)
+    rule: str = "coupled"  # sampled requests: "coupled" (same seed, same tokens, any K) or "rejection"
+    prior_acceptance: float = 0.5  # acceptance assumed for a request before its first verify pass
+    calibrate: bool = True  # measure the target's pass-cost curve at start (the cost model needs it)
 
     def validate(self, key: str) -> None:
-        if not 0 <= self.k_min <= self.k_max:
-            raise ConfigError(f"{key}.k_min/k_max: need 0 <= k_min <= k_max")
+        if self.k_max < 0:
+            raise ConfigError(f"{key}.k_max: must be >= 0")
         if not 0 <= self.k <= self.k_max:
             raise ConfigError(f"{key}.k: {self.k} outside [0, k_max={self.k_max}]")
-        if self.verify_token_budget < 0:
-            raise ConfigError(f"{key}.verify_token_budget: must be >= 0")
+        if self.rule not in ("coupled", "rejection"):
+            raise ConfigError(f"{key}.rule: {self.rule!r} is not 'coupled' or 'rejection'")
+        if not 0.0 < self.prior_acceptance < 1.0:
+            raise ConfigError(f"{key}.prior_acceptance: must be in (0, 1)")
 
 
 @dataclass
@@ -122,8 +131,7 @@ class PoolConfig:
 class ClusterConfig:
     target_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"target_node": 1}))
     draft_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"draft_node": 1}))
-    pipelining: bool = True  # draft one group of requests while the target verifies the other ...
-    pipeline_min_draft_ratio: float = 0.1  # ... while draft time >= this x verify time (0: always)
+    pipelining: bool = True  # draft one group while the target verifies the other, when the cost model says it pays
     draft_timeout_s: float = 30.0  # a draft later than this is dropped: that step runs without drafts
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: off
 
@@ -145,29 +153,19 @@ class EngineConfig:
 
     def validate(self, check_paths: bool = True) -> EngineConfig:
         self.target.validate("target")
-        self.drafter.validate("drafter")
+        self.drafter.validate("drafter", check_paths)
         self.speculation.validate("speculation")
         self.limits.validate("limits")
         self.cluster.validate("cluster")
         if check_paths:
             check_model_dir("target", self.target)
-            if self.drafter.kind == "model":
-                check_model_dir("drafter.model", self.drafter.model)
         return self
-
-
-def check_model_dir(key: str, model: ModelConfig) -> None:
-    path = Path(model.path)
-    if not path.is_dir():
-        raise ModelNotFoundError(f"{key}.path: model directory {str(path)!r} does not exist")
-    wanted = [model.gguf_file] if model.gguf_file else ["config.json"]
-    for name in wanted:
-        if not (path / name).is_file():
-            raise ModelNotFoundError(f"{key}.path: {str(path)!r} has no {name}")
 
 
 def from_dict(cls, data, key: str = ""):
     """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types by key path."""
+    if hasattr(cls, "from_data"):  # a class that parses itself (e.g. sections chosen by a kind)
+        return cls.from_data(data, key)
     if not isinstance(data, dict):
         raise ConfigError(f"{key or '<root>'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -209,7 +207,7 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> EngineConf
         raise ConfigError(f"config file {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     config = from_dict(EngineConfig, data)
-    for model in (config.target, config.drafter.model):
-        if model is not None and model.path and not Path(model.path).is_absolute():
-            model.path = str((path.parent / model.path).resolve())
+    for section in [config.target, *config.drafter.sections.values()]:
+        if isinstance(section, ModelConfig):
+            section.resolve(path.parent)
     return config.validate(check_paths)

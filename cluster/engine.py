@@ -1,39 +1,51 @@
-"""The in-process speculative decoding engine: the same workers the Ray router drives, called directly.
+"""The engine: one step loop for the in-process engine and the Ray router alike.
 
-One `step()` reads top to bottom:
-  1. admit waiting requests into free cache slots and prefill them in one ragged batch (first token);
-  2. ask the draft worker for up to K tokens for every running request (K = 0: plain decoding);
-  3. verify all drafts in one ragged target forward; the target worker applies the acceptance rule
-     and rolls its caches back to the accepted length;
-  4. append, check token-level stop conditions, emit token deltas; adapt K;
-  5. free the caches of finished (or failed) requests.
-A request whose pass raises fails alone (the workers isolate it); a failing drafter costs only speed.
+    step = schedule() -> executor.execute(plan) -> update(plan, result)
+
+The Scheduler (pure) decides admissions, who is verified and how much each request drafts; the executor
+runs the plan on workers (LocalExecutor: plain workers in this process; RayExecutor: actors, drafts
+pipelined beside verification); `update` appends what was accepted, streams it, feeds the cost model and
+the drafters, handles failures and retires finished requests. `SpecEngine` and `Router` are this loop
+with one executor or the other.
+
+Failures: a request whose pass raises fails alone; a failing drafter costs only speed (and drafting
+stops after repeated whole-batch failures); a dead worker's requests move to live ones.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
-from cluster.adaptive_k import fit_budget
 from cluster.config import EngineConfig
-from cluster.drafters.base import Drafter
-from cluster.models.loader import load_model, load_tokenizer
-from cluster.requests import RequestQueue, Sequence
-from cluster.types import FinalDelta, SamplingParams, SpecStats, StreamDelta, TokenDelta
-from cluster.workers.draft_worker import DraftItem, DraftWorker
+from cluster.core.cost_model import CostCurve, CostModel, DraftCost
+from cluster.core.messages import StepPlan, Verdict
+from cluster.core.scheduler import Scheduler, SchedulerConfig
+from cluster.errors import EngineOverloadedError, InvalidRequestError
+from cluster.metrics import EngineMetrics
+from cluster.requests import OutputProcessor, RequestBuilder, Sequence, collect, longest_token_chars
+from cluster.text import TextStream
+from cluster.types import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FinalDelta,
+    RequestLimits,
+    RequestOutput,
+    SamplingParams,
+    SpecStats,
+    StreamDelta,
+    TokenDelta,
+    TokenLogprob,
+)
 from cluster.workers.isolation import Failure
-from cluster.workers.target_worker import PrefillItem, TargetWorker, VerifyItem
 
 log = logging.getLogger(__name__)
 
-MAX_DRAFT_FAILURES = 3  # consecutive failed draft calls before the engine stops drafting
-
-__all__ = ["EngineTimings", "SpecEngine"]
+MAX_DRAFT_FAILURES = 3  # consecutive steps whose every draft failed before drafting stops
 
 
 @dataclass
@@ -44,137 +56,99 @@ class EngineTimings:
     steps: int = 0
 
 
-class SpecEngine(RequestQueue):
-    def __init__(
-        self,
-        config: EngineConfig,
-        *,
-        model: torch.nn.Module | None = None,
-        tokenizer=None,
-        drafter: Drafter | None = None,
-        target: TargetWorker | None = None,
-    ):
-        super().__init__(config)
+class Engine:
+    def __init__(self, config: EngineConfig, executor, tokenizer, vocab_size: int, max_context: int | None,
+                 eos: set[int], verify_curve: CostCurve | None, sequential_draft: bool):
+        self.config, self.executor, self.tokenizer = config, executor, tokenizer
         limits, spec = config.limits, config.speculation
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
-        capacity = limits.max_model_len + spec.k_max + 1  # a verify pass may run K+1 past the last token
-        extra_eos = tuple({tokenizer.eos_token_id} - {None})
-        if target is None:
-            model = model if model is not None else load_model(config.target)
-            target = TargetWorker(config.target, limits.max_batch_size, capacity, model=model, extra_eos=extra_eos)
-        self.target = target
-        self.drafter: DraftWorker | None = None
-        if spec.k > 0:
-            self.drafter = DraftWorker(config.drafter, limits.max_batch_size, capacity, self.target.vocab_size,
-                                       drafter=drafter, eos_ids=tuple(self.target.eos_ids))
-        self._init_requests(tokenizer, self.target.vocab_size, self.target.max_context, set(self.target.eos_ids),
-                            config.drafter.kind if self.drafter is not None else "none")
+        self.vocab_size = vocab_size
+        self.eos_ids = set(eos)
+        self.max_model_len = min(limits.max_model_len, max_context or limits.max_model_len)
+        request_limits = RequestLimits(limits.max_tokens, vocab_size, limits.max_stop_strings, limits.max_stop_chars)
+        max_chars = limits.max_prompt_chars or self.max_model_len * longest_token_chars(tokenizer)
+        self.requests = RequestBuilder(tokenizer, request_limits, self.max_model_len, max_chars)
+        self.output = OutputProcessor(self.eos_ids, self.max_model_len)
+        cost = CostModel(verify_curve, DraftCost(), sequential_draft) if verify_curve is not None else None
+        self.scheduler = Scheduler(SchedulerConfig(spec.k, spec.k_max, spec.adaptive, self.max_model_len,
+                                                   spec.prior_acceptance), cost,
+                                   executor.overlaps and config.cluster.pipelining)
+        self.metrics = EngineMetrics(config.drafter.kind if spec.k > 0 else "none")
         self.timings = EngineTimings()
         self.stats = SpecStats()
         self.draft_failures = 0
+        self.step_errors: deque[float] = deque(maxlen=512)  # |predicted - measured| / measured, recent steps
+        self.pipelined_steps = 0
+        self._started = time.perf_counter()
+
+    # --- requests ----------------------------------------------------------------------------------
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
 
     @property
     def drafting(self) -> bool:
-        return self.drafter is not None  # None after repeated drafter failures, too
+        return self.config.speculation.k > 0 and self.draft_failures < MAX_DRAFT_FAILURES
 
-    # --- the step -------------------------------------------------------------------------------
-    def step(self) -> list[TokenDelta]:
-        deltas: list[TokenDelta] = []
-        self._admit(deltas)  # 1
-        if self.running:
-            batch = list(self.running)
-            drafts = self._draft(batch)  # 2
-            start = time.perf_counter()
-            results = self.target.verify([VerifyItem(s.request_id, d, q) for s, (d, q) in zip(batch, drafts)])  # 3
-            self.timings.verify_s += time.perf_counter() - start
-            for seq, (draft, _), r in zip(batch, drafts, results):  # 4
-                if isinstance(r, Failure):
-                    deltas.append(self._fail(seq, r.message))
-                    continue
-                self.stats.add(SpecStats(steps=1, drafted=len(draft), accepted=r.accepted))
-                deltas.append(self._apply_verify(seq, draft, r.accepted, r.token, r.logprobs,
-                                                 drafting=self.drafter is not None))
-            self.timings.steps += 1
-        self._retire()  # 5
-        self.metrics.queue_depth.set(len(self.waiting))
-        self.metrics.running.set(len(self.running))
-        return deltas
+    def build(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
+        """Validate and tokenise a request without touching engine state (safe from any thread)."""
+        return self.requests.build(prompt, params or self.default_params(), request_id)
 
-    def _admit(self, deltas: list[TokenDelta]) -> None:
-        new = []
-        while self.waiting and len(new) < self.target.runner.cache.num_free:
-            new.append(self.waiting.popleft())
-        if not new:
-            return
-        start = time.perf_counter()
-        first = self.target.prefill([PrefillItem(s.request_id, s.tokens, s.num_prompt, s.params, s.seed)
-                                     for s in new])
-        self.timings.prefill_s += time.perf_counter() - start
-        for seq, r in zip(new, first):
-            self.running.append(seq)
-            if isinstance(r, Failure):
-                deltas.append(self._fail(seq, r.message))
-            else:
-                deltas.append(self._emit(seq, [r.token], r.logprobs))
+    def enqueue(self, seq: Sequence) -> str:
+        """Queue a built request; it joins the batch at the next step."""
+        if len(self.waiting) >= self.config.limits.max_waiting:
+            raise EngineOverloadedError(f"{len(self.waiting)} requests already waiting")
+        seq.arrival = time.perf_counter()
+        self.waiting.append(seq)
+        return seq.request_id
 
-    def _draft(self, batch: list[Sequence]) -> list[tuple[list[int], torch.Tensor | None]]:
-        """Up to K tokens per request, with q where the drafter has one. A failing drafter costs only speed."""
-        none: list[tuple[list[int], torch.Tensor | None]] = [([], None) for _ in batch]
-        ks = fit_budget([self.output.draft_len(s) for s in batch], self.config.speculation.verify_token_budget)
-        rows = [i for i, k in enumerate(ks) if k > 0]
-        if self.drafter is None or not rows:
-            return none
-        start = time.perf_counter()
-        try:
-            items = [DraftItem(batch[i].request_id, batch[i].draft_synced, batch[i].tokens[batch[i].draft_synced:],
-                               ks[i], batch[i].params, batch[i].seed, batch[i].num_prompt) for i in rows]
-            proposal = self.drafter.propose(items)
-            for i in rows:
-                batch[i].draft_synced = len(batch[i].tokens)
-            drafts = list(none)
-            for row, i in enumerate(rows):
-                tokens = proposal.tokens[row][: ks[i]]
-                if any(not 0 <= t < self.target.vocab_size for t in tokens):
-                    raise ValueError("drafter proposed a token outside the vocabulary")
-                q = proposal.q(row)
-                drafts[i] = (tokens, None if q is None else q[: len(tokens)])
-            if proposal.failed == len(items):
-                raise RuntimeError("every draft in the batch failed")
-            self.draft_failures = 0
-            return drafts
-        except Exception:
-            self.draft_failures += 1
-            self.metrics.draft_failures.inc()
-            log.exception("drafter failed (%d in a row); verifying without drafts", self.draft_failures)
-            for s in batch:
-                s.draft_synced = 0  # its state may be partial: resend everything next time
-            if self.draft_failures >= MAX_DRAFT_FAILURES:
-                log.error("drafter disabled after %d failures: target-only decoding", self.draft_failures)
-                self.drafter = None
-                self.metrics.drafting.set(0)
-            return none
-        finally:
-            self.timings.draft_s += time.perf_counter() - start
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        return self.enqueue(self.build(prompt, params, request_id))
 
-    def _retire(self) -> None:
-        done = [s for s in self.running if s.finish_reason]
-        if not done:
-            return
-        self.running = [s for s in self.running if not s.finish_reason]
-        ids = [s.request_id for s in done]
-        self.target.release(ids)
-        if self.drafter is not None:
-            self.drafter.release(ids)
-        for seq in done:
-            self._finished(seq)
+    def default_params(self, **overrides) -> SamplingParams:
+        d = self.config.sampling
+        max_tokens = min(d.max_tokens, self.config.limits.max_tokens)  # a default never breaks the limit
+        base = dict(max_tokens=max_tokens, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
+        return SamplingParams(**{**base, **overrides})
 
-    def target_utilization(self) -> float:
-        """Fraction of wall time since start the target spent computing (also exported)."""
-        fraction = self.target.busy_s / max(time.perf_counter() - self._started, 1e-9)
-        self.metrics.target_busy.set(fraction)
-        return fraction
+    def text_stream(self, seq: Sequence) -> TextStream:
+        return TextStream(self.tokenizer, seq.request_id, seq.params, seq.num_prompt, seq.seed)
 
-    # --- convenience front ends -----------------------------------------------------------------
+    def abort(self, request_id: str, reason: str = FINISH_CANCELLED) -> Sequence | None:
+        """Finish a request now (cancelled, or stopped by a stop string found outside the step) and free
+        its caches. Returns the sequence, or None if it was no longer in flight."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.finish_reason = reason
+                self.metrics.requests.labels(reason).inc()
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = reason
+                self._retire()
+                return seq
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run a batch of requests to completion. Invalid input or a full queue raises before any is queued."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError("params", "one SamplingParams per prompt")
+        seqs = [self.build(prompt, p) for prompt, p in zip(prompts, plist)]
+        if len(self.waiting) + len(seqs) > self.config.limits.max_waiting:  # enqueue's own bound
+            raise EngineOverloadedError(f"{len(prompts)} requests do not fit the waiting queue")
+        streams = {seq.request_id: self.text_stream(seq) for seq in seqs}
+        for seq in seqs:
+            self.enqueue(seq)
+        return collect(self, streams)
+
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield this request's text deltas as steps complete; closing the iterator cancels the request."""
         seq = self.build(prompt, params)
@@ -196,3 +170,198 @@ class SpecEngine(RequestQueue):
         finally:
             if not finished:
                 self.abort(seq.request_id)
+
+    # --- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[TokenDelta]:
+        start = time.perf_counter()
+        targets, drafters = self.executor.capacities()
+        self.scheduler.targets = targets
+        self.scheduler.drafters = drafters if self.drafting else {}
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        for task in plan.draft:  # drafts for the next step are in flight until their result arrives
+            if not task.now:
+                self._seq(task.seq_id).drafting = True
+        result = self.executor.execute(plan)
+        deltas = self._update(plan, result)
+        self._measure(plan, result, time.perf_counter() - start)
+        return deltas
+
+    def _update(self, plan: StepPlan, result) -> list[TokenDelta]:
+        deltas: list[TokenDelta] = []
+        for worker in result.dead_workers:
+            self.metrics.failovers.labels("target" if worker.startswith("target") else "draft").inc()
+            for seq in self.scheduler.worker_lost(worker):
+                if not seq.ready and not seq.resume and seq in self.running:  # its first prefill was lost
+                    self.running.remove(seq)
+                    seq.target = seq.drafter = None
+                    self.waiting.appendleft(seq)
+        for item in plan.admit:
+            seq = self._seq(item.seq_id)
+            r = result.prefilled.get(item.seq_id)
+            if seq is None or r is None:
+                continue  # lost with its worker: re-queued or resumed above
+            if isinstance(r, Failure):
+                deltas.append(self._fail(seq, r.message))
+            elif item.resume:
+                seq.ready, seq.resume = True, False
+            else:
+                seq.ready = True
+                deltas.append(self._emit(seq, [r.token], r.logprobs))
+        drafted = [t for t in plan.draft]
+        for task in drafted:
+            seq = self._seq(task.seq_id)
+            if seq is None:
+                continue
+            proposal = result.proposals.get(task.seq_id)
+            if proposal is not None:
+                seq.draft_synced = task.start + len(task.new_tokens)
+                if not task.now:
+                    seq.proposal, seq.drafting = proposal, False
+            elif task.seq_id in result.draft_failed or task.now:
+                seq.draft_synced, seq.drafting = 0, False
+        self._count_draft_failures(drafted, result)
+        for task in plan.verify:
+            seq = self._seq(task.seq_id)
+            v = result.verdicts.get(task.seq_id)
+            if seq is None or v is None:
+                continue
+            proposal = task.proposal if task.proposal is not None else result.proposals.get(task.seq_id)
+            seq.proposal = None
+            if isinstance(v, Failure):
+                deltas.append(self._fail(seq, v.message))
+                continue
+            deltas.append(self._apply(seq, len(proposal) if proposal else 0, v,
+                                      proposal.path_tokens(v.path) if proposal else []))
+        self._retire()
+        return deltas
+
+    def _apply(self, seq: Sequence, drafted: int, v: Verdict, accepted_tokens: list[int]) -> TokenDelta:
+        """Record one verify pass of `seq` (stats, acceptance, metrics) and append what it emitted."""
+        stats = SpecStats(steps=1, drafted=drafted, accepted=v.accepted)
+        seq.stats.add(stats)
+        self.stats.add(stats)
+        if drafted:
+            seq.acceptance.observe(drafted, v.accepted)
+            seq.last_accepted = v.accepted
+        self.metrics.observe_verify(drafted, v.accepted)
+        return self._emit(seq, accepted_tokens + [v.token], v.logprobs)
+
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None) -> TokenDelta:
+        """Append emitted tokens (failing the request alone if that raises) and make its delta."""
+        try:
+            delta = self.output.append(seq, tokens, logprobs)
+        except Exception as error:
+            log.exception("output processing failed for request %s", seq.request_id)
+            return self._fail(seq, f"{type(error).__name__} in output processing")
+        if seq.first_token_at is None and delta.token_ids:
+            seq.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(seq.first_token_at - seq.arrival)
+        self.metrics.tokens.inc(len(delta.token_ids))
+        return delta
+
+    def _fail(self, seq: Sequence, message: str) -> TokenDelta:
+        """Fail one request alone: it is retired (its caches freed) at the end of the step."""
+        log.error("request %s failed: %s", seq.request_id, message)
+        seq.finish_reason, seq.error = FINISH_ERROR, message
+        self.metrics.errors.inc()
+        return self.output.final(seq, [], None)
+
+    def _count_draft_failures(self, drafted, result) -> None:
+        """Drafting stops (loudly) after MAX_DRAFT_FAILURES steps in a row in which every draft failed."""
+        if not drafted:
+            return
+        failed = [t for t in drafted if t.seq_id in result.draft_failed]
+        if failed:
+            self.metrics.draft_failures.inc(len(failed))
+        if len(failed) < len(drafted):
+            self.draft_failures = 0
+            return
+        self.draft_failures += 1
+        log.warning("every draft failed this step (%d in a row); verifying without drafts", self.draft_failures)
+        if self.draft_failures >= MAX_DRAFT_FAILURES:
+            log.error("drafting disabled after %d failed steps: target-only decoding", self.draft_failures)
+            self.metrics.drafting.set(0)
+
+    def _retire(self) -> None:
+        done = [s for s in self.running if s.finish_reason]
+        if not done:
+            return
+        self.scheduler.running = [s for s in self.running if not s.finish_reason]
+        for seq in done:
+            self.executor.release(seq.request_id, seq.target, seq.drafter)
+            self.metrics.requests.labels(seq.finish_reason).inc()
+            n = len(seq.output_ids)
+            if seq.first_token_at is not None and n > 1:
+                self.metrics.tpot.observe((time.perf_counter() - seq.first_token_at) / (n - 1))
+
+    def _seq(self, request_id: str) -> Sequence | None:
+        return next((s for s in self.running if s.request_id == request_id), None)
+
+    # --- measuring ---------------------------------------------------------------------------------
+    def _measure(self, plan: StepPlan, result, measured: float) -> None:
+        self.timings.steps += 1
+        self.timings.prefill_s += result.prefill_s
+        self.timings.draft_s += result.draft_s
+        self.timings.verify_s += result.verify_s
+        self.pipelined_steps += plan.pipelined
+        cost = self.scheduler.cost
+        if cost is None:
+            return
+        for steps, nodes, seconds in result.draft_calls:
+            cost.draft.observe(steps, nodes, seconds)
+        if plan.predicted_s > 0:
+            self.step_errors.append(abs(plan.predicted_s - measured) / measured)
+            self.metrics.step_predicted.observe(plan.predicted_s)
+        self.metrics.step_measured.observe(measured)
+        cost.timer.observe(plan.predicted_verify_s, plan.predicted_draft_s, measured)
+        self.metrics.step_time_error.set(self.step_time_error())
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.running.set(len(self.running))
+        if self.stats.drafted >= 20:  # new requests start from the drafter's measured acceptance
+            self.scheduler.acceptance_prior = min(max(self.stats.acceptance_rate, 0.02), 0.98)
+
+    def step_time_error(self) -> float:
+        """Median relative error of the predicted step time over recent steps."""
+        return statistics.median(self.step_errors) if self.step_errors else 0.0
+
+    def target_utilization(self) -> float:
+        """Fraction of wall time since start the target workers spent computing (also exported)."""
+        workers = max(len(self.scheduler.targets), 1)
+        fraction = self.executor.target_busy_s() / max((time.perf_counter() - self._started) * workers, 1e-9)
+        self.metrics.target_busy.set(fraction)
+        return fraction
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+class SpecEngine(Engine):
+    """The loop on plain workers in this process."""
+
+    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, drafter=None, target=None):
+        from cluster.drafters.registry import BuildContext
+        from cluster.executors.local import LocalExecutor
+        from cluster.models.loader import load_model, load_tokenizer
+        from cluster.workers.draft_worker import DraftWorker
+        from cluster.workers.target_worker import TargetWorker
+
+        limits, spec = config.limits, config.speculation
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
+        capacity = limits.max_model_len + spec.k_max + 1  # a verify pass may run K+1 past the last token
+        extra_eos = tuple({tokenizer.eos_token_id} - {None})
+        if target is None:
+            model = model if model is not None else load_model(config.target)
+            target = TargetWorker(config.target, limits.max_batch_size, capacity, model=model, extra_eos=extra_eos,
+                                  rule=spec.rule)
+        self.target = target
+        self.drafter = None
+        if spec.k > 0:
+            context = BuildContext(limits.max_batch_size, capacity, target.vocab_size, eos_ids=tuple(target.eos_ids),
+                                   rule=spec.rule)
+            self.drafter = DraftWorker(config.drafter.kind, config.drafter.section, context, drafter=drafter)
+        curve = target.calibrate() if spec.calibrate and spec.k > 0 else None
+        sequential = self.drafter is not None and hasattr(self.drafter.drafter, "backend")
+        super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
+                         target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)

@@ -21,6 +21,8 @@ class EngineMetrics:
         self.drafted = Counter("specdec_draft_tokens", "Draft tokens proposed", ["drafter"], registry=r)
         self.accepted = Counter("specdec_accepted_tokens", "Draft tokens accepted", ["drafter"], registry=r)
         self.verifies = Counter("specdec_verify_passes", "Per-request verify passes", ["drafter"], registry=r)
+        self.accepted_per_verify = Histogram("specdec_accepted_per_verify", "Draft tokens accepted per verify pass",
+                                             ["drafter"], buckets=tuple(range(17)), registry=r)
         self.acceptance = Gauge("specdec_acceptance_rate", "Accepted / drafted, cumulative", ["drafter"], registry=r)
         self.accepted_length = Gauge("specdec_mean_accepted_length", "Tokens emitted per verify, cumulative",
                                      ["drafter"], registry=r)
@@ -32,6 +34,12 @@ class EngineMetrics:
                                  registry=r)
         self.step_seconds = Histogram("specdec_step_seconds", "Step time by part", ["part"],
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_predicted = Histogram("specdec_step_predicted_seconds", "Step time the cost model predicted",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_measured = Histogram("specdec_step_measured_seconds", "Step time measured",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_time_error = Gauge("specdec_step_time_error", "Median relative error of predicted step times",
+                                     registry=r)
         self.queue_depth = Gauge("specdec_queue_depth", "Requests waiting for a cache slot", registry=r)
         self.running = Gauge("specdec_running_requests", "Requests being decoded", registry=r)
         self.ttft = Histogram("specdec_time_to_first_token_seconds", "Arrival to first token",
@@ -48,6 +56,7 @@ class EngineMetrics:
         d.inc(drafted)
         a.inc(accepted)
         v.inc()
+        self.accepted_per_verify.labels(self.drafter).observe(accepted)
         if d._value.get():
             self.acceptance.labels(self.drafter).set(a._value.get() / d._value.get())
         self.accepted_length.labels(self.drafter).set((a._value.get() + v._value.get()) / v._value.get())

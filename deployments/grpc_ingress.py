@@ -147,8 +147,11 @@ def _run_all(choices: list[Choice]) -> list[FinalDelta | None]:
 def _interleave(choices: list[Choice]):
     """(choice, delta) pairs from every sample as they arrive."""
     if len(choices) == 1:
-        for delta in choices[0].stream:
-            yield choices[0], delta
+        try:
+            for delta in choices[0].stream:
+                yield choices[0], delta
+        finally:  # the client cancelled (the servicer's generator is closed): cancel the request now
+            choices[0].stream.close()
         return
     merged: queue.Queue = queue.Queue()
 

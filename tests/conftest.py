@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cluster.config import DrafterConfig, EngineConfig, ModelConfig, SpeculationConfig
+from cluster.drafters.configs import ModelDrafterConfig
 from cluster.engine import SpecEngine
 from tools.make_tiny_models import build
 
@@ -19,16 +20,23 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_engine(tiny_models):
-    """make_engine(kind, k, draft='draft_noisy', **spec) -> SpecEngine over the tiny target."""
+    """make_engine(kind, k, draft='draft_noisy', adaptive, rule, **limits) -> SpecEngine over the tiny target."""
 
-    def factory(kind: str = "ngram", k: int = 4, draft: str = "draft_noisy", adaptive: bool = False, **limits):
+    def factory(kind: str = "ngram", k: int = 4, draft: str = "draft_noisy", adaptive: bool = False,
+                rule: str = "coupled", **limits):
         config = EngineConfig(
             target=ModelConfig(str(tiny_models["target"])),
-            drafter=DrafterConfig(kind=kind, model=ModelConfig(str(tiny_models[draft])) if kind == "model" else None),
-            speculation=SpeculationConfig(k=k, k_min=1, k_max=8, adaptive=adaptive),
+            drafter=drafter_config(tiny_models, kind, draft),
+            speculation=SpeculationConfig(k=k, k_max=8, adaptive=adaptive, rule=rule),
         )
         for key, value in limits.items():
             setattr(config.limits, key, value)
         return SpecEngine(config.validate())
 
     return factory
+
+
+def drafter_config(tiny_models, kind: str, draft: str = "draft_noisy") -> DrafterConfig:
+    if kind == "model":
+        return DrafterConfig("model", {"model": ModelDrafterConfig(str(tiny_models[draft]))})
+    return DrafterConfig(kind)

@@ -1,23 +1,28 @@
-"""A small causal LM that shares the target's tokenizer drafts k tokens autoregressively, batched."""
+"""A small causal LM that shares the target's tokenizer drafts a chain autoregressively, batched."""
 
 from __future__ import annotations
 
 import torch
 
-from cluster.drafters.base import DraftProposal, Drafter, DraftRequest
-from cluster.models.runner import ModelRunner
+from cluster.core.messages import Proposal
+from cluster.drafters.base import Drafter, DraftRequest
+from cluster.models.backend import HFBackend, Row
+from cluster.sampling import keyed
+from cluster.sampling.acceptance import coupled_choice
 from cluster.sampling.logits import SamplingTensors, TokenHistory, probs_from_logits, sample_from
 
 
 class ModelDrafter(Drafter):
     name = "model"
 
-    def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, eos_ids: tuple[int, ...] = ()):
-        self.runner = runner
+    def __init__(self, backend: HFBackend, confidence_threshold: float = 0.0, eos_ids: tuple[int, ...] = (),
+                 rule: str = "coupled"):
+        self.backend = backend
         # Draft long while the draft is sure, stop at its first unsure token (HF's assistant_confidence_threshold).
         # The length depends only on the draft's own distribution, so the output stays exact.
         self.confidence_threshold = confidence_threshold
         self.eos_ids = tuple(eos_ids)  # held off below min_tokens, as on the target
+        self.rule = rule
         self._slots: dict[str, int] = {}
         self._seen: dict[str, list[int]] = {}  # tokens whose K/V are in the slot
 
@@ -28,7 +33,7 @@ class ModelDrafter(Drafter):
     def _sync(self, req: DraftRequest) -> list[int]:
         """Roll the slot back to the longest prefix still valid; return the tokens it has not seen."""
         if req.seq_id not in self._slots:
-            self._slots[req.seq_id] = self.runner.cache.allocate()
+            self._slots[req.seq_id] = self.backend.cache.allocate()
             self._seen[req.seq_id] = []
         seen = self._seen[req.seq_id]
         common = 0
@@ -37,27 +42,26 @@ class ModelDrafter(Drafter):
                 break
             common += 1
         common = min(common, len(req.tokens) - 1)  # always feed >= 1 token to get the next distribution
-        self.runner.cache.truncate(self._slots[req.seq_id], common)
+        self.backend.cache.truncate(self._slots[req.seq_id], common)
         del seen[common:]
         return req.tokens[common:]
 
     @torch.inference_mode()
-    def propose(self, batch: list[DraftRequest]) -> DraftProposal:
+    def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
         feed = [self._sync(r) for r in batch]
-        k_max = max(r.k for r in batch)
-        vocab, device = self.runner.vocab_size, self.runner.device
+        vocab, device = self.backend.vocab_size, self.backend.device
         params = [r.params for r in batch]
         st = SamplingTensors.from_params(params, vocab, device)  # q is processed exactly as p is
         history = None
         if any(p.penalized for p in params):
             history = TokenHistory([(r.tokens, r.num_prompt) for r in batch], params, vocab, device, self.eos_ids)
-        keep_q = [not r.params.greedy for r in batch]
+        keep_q = [self.rule == "rejection" and not r.params.greedy for r in batch]
         q_rows: list[list[torch.Tensor]] = [[] for _ in batch]
         drafts: list[list[int]] = [[] for _ in batch]
-        active = list(range(len(batch)))  # rows still drafting: a row stops at its own k
-        for _ in range(k_max):
-            slots = [self._slots[batch[i].seq_id] for i in active]
-            logits = self.runner.forward(slots, [feed[i] for i in active], last_only=True)
+        active = list(range(len(batch)))  # rows still drafting: a row stops at its own budget
+        for step in range(max(r.budget for r in batch)):
+            logits = self.backend.forward([Row(self._slots[batch[i].seq_id], feed[i]) for i in active],
+                                          last_only=True).logits
             for i in active:
                 self._seen[batch[i].seq_id].extend(feed[i])
             idx = torch.tensor(active, device=device)
@@ -66,33 +70,46 @@ class ModelDrafter(Drafter):
             if history is not None:
                 adjusted = history.apply(adjusted, idx)
             q = probs_from_logits(adjusted, sub)
-            u = torch.stack([_uniform(batch[i]) for i in active])
-            tokens = sample_from(q, u)
+            tokens = torch.tensor([self._sample(q[row], batch[i], step) for row, i in enumerate(active)],
+                                  device=device)
             if history is not None:
                 history.advance(tokens, idx)
             for row, (i, token) in enumerate(zip(active, tokens.tolist())):
                 drafts[i].append(token)
                 if keep_q[i]:
-                    q_rows[i].append(q[row])
+                    q_rows[i].append(q[row].float().cpu())
                 feed[i] = [token]
             unsure: set[int] = set()
             if self.confidence_threshold > 0:
                 confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.tolist()
                 unsure = {i for row, i in enumerate(active) if confidence[row] < self.confidence_threshold}
-            active = [i for i in active if len(drafts[i]) < batch[i].k and i not in unsure]
+            active = [i for i in active if len(drafts[i]) < batch[i].budget and i not in unsure]
             if not active:
                 break
-        probs = [torch.stack(q_rows[i]).cpu() if keep_q[i] else None for i in range(len(batch))]
-        return DraftProposal(drafts, probs if any(keep_q) else [])
+        return [Proposal.chain(d, torch.stack(q_rows[i]) if keep_q[i] else None) for i, d in enumerate(drafts)]
+
+    def _sample(self, q: torch.Tensor, req: DraftRequest, step: int) -> int:
+        """Greedy: the argmax. Coupled: the race with the target's noise. Rejection: a draw from q with
+        the request's own keyed uniform (independent of the target's)."""
+        if req.params.greedy:
+            return int(q.argmax())
+        position = req.position + step
+        if self.rule == "coupled":
+            return int(coupled_choice(q, keyed.race_noise(req.seed, position, q.shape[-1])))
+        u = torch.tensor([keyed.uniform(req.seed, position, keyed.DRAFT)], dtype=torch.float64)
+        return int(sample_from(q.double().unsqueeze(0), u)[0])
 
     def release(self, seq_id: str) -> None:
         slot = self._slots.pop(seq_id, None)
         self._seen.pop(seq_id, None)
         if slot is not None:
-            self.runner.cache.free(slot)
+            self.backend.cache.free(slot)
 
 
-def _uniform(req: DraftRequest) -> torch.Tensor:
-    if req.params.greedy:  # q is one-hot: any u gives its argmax; keep the request's RNG untouched
-        return torch.zeros(())
-    return torch.rand((), generator=req.generator)
+def build(section, context) -> ModelDrafter:
+    from cluster.models.loader import load_model
+
+    backend = HFBackend(load_model(section, context.device), context.num_slots, context.capacity)
+    if backend.vocab_size != context.target_vocab:
+        raise ValueError(f"drafter.model: vocabulary {backend.vocab_size} != target's {context.target_vocab}")
+    return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cluster.drafters.base import DraftProposal, Drafter, DraftRequest
+from cluster.core.messages import Proposal
+from cluster.drafters.base import Drafter, DraftRequest
 
 
 def lookup_continuation(tokens: list[int], k: int, ngram_min: int, ngram_max: int) -> list[int]:
@@ -31,5 +32,10 @@ class NgramDrafter(Drafter):
     def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
 
-    def propose(self, batch: list[DraftRequest]) -> DraftProposal:
-        return DraftProposal([lookup_continuation(r.tokens, r.k, self.ngram_min, self.ngram_max) for r in batch])
+    def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
+        return [Proposal.chain(lookup_continuation(r.tokens, r.budget, self.ngram_min, self.ngram_max))
+                for r in batch]
+
+
+def build(section, context) -> NgramDrafter:
+    return NgramDrafter(section.ngram_min, section.ngram_max)

@@ -1,28 +1,40 @@
-"""Drafter kinds by config name. Adding a drafter is one file and one line here."""
+"""Drafter kinds by config name. Adding a drafter is one file (with a `build`) and one entry here.
+This module and the config sections it names import no torch: a config validates without it."""
 
 from __future__ import annotations
 
-from cluster.config import DrafterConfig
+import importlib
+from dataclasses import dataclass
 
-DRAFTERS = {
-    "ngram": "prompt lookup over the sequence's own tokens; no model",
-    "model": "a small causal LM sharing the target's tokenizer",
+from cluster.drafters.configs import ModelDrafterConfig, NgramConfig
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type  # the kind's config section (a dataclass with validate(key, check_paths))
+    builder: str  # "module:function"; build(section, context) -> Drafter
+    description: str
+
+
+DRAFTERS: dict[str, Kind] = {
+    "ngram": Kind(NgramConfig, "cluster.drafters.ngram:build", "prompt lookup over the sequence's own tokens; no model"),
+    "model": Kind(ModelDrafterConfig, "cluster.drafters.model_drafter:build", "a small causal LM sharing the tokenizer"),
 }
 
 
-def build_drafter(cfg: DrafterConfig, num_slots: int, capacity: int, target_vocab: int, device: str = "cpu",
-                  eos_ids: tuple[int, ...] = ()):
-    """Instantiate the drafter named by `cfg.kind` (imports model code only when it is needed)."""
-    cfg.validate("drafter")
-    if cfg.kind == "ngram":
-        from cluster.drafters.ngram import NgramDrafter
+@dataclass
+class BuildContext:
+    """What a drafter is built with, besides its own section."""
 
-        return NgramDrafter(cfg.ngram_min, cfg.ngram_max)
-    from cluster.drafters.model_drafter import ModelDrafter
-    from cluster.models.loader import load_model
-    from cluster.models.runner import ModelRunner
+    num_slots: int
+    capacity: int
+    target_vocab: int
+    device: str = "cpu"
+    eos_ids: tuple[int, ...] = ()
+    rule: str = "coupled"
 
-    runner = ModelRunner(load_model(cfg.model, device), num_slots, capacity)
-    if runner.vocab_size != target_vocab:
-        raise ValueError(f"drafter.model: vocabulary {runner.vocab_size} != target's {target_vocab}")
-    return ModelDrafter(runner, cfg.confidence_threshold, eos_ids)
+
+def build_drafter(kind: str, section, context: BuildContext):
+    """Instantiate drafter `kind` (imports its module, and so torch, only now)."""
+    module, function = DRAFTERS[kind].builder.split(":")
+    return getattr(importlib.import_module(module), function)(section, context)

@@ -61,7 +61,7 @@ class _BatchView(Cache):
 
     def __init__(self, store: SlotKVCache, slots: list[int], starts: list[int], num_new: int, span: int):
         super().__init__(layers=[])
-        self.store, self.span = store, span
+        self.store, self.span, self.starts = store, span, starts
         self.slot_index = torch.tensor(slots).unsqueeze(-1)  # [B, 1]
         self.write_pos = torch.tensor(starts).unsqueeze(-1) + torch.arange(num_new)  # [B, T]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))

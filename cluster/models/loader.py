@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.config import ModelConfig, check_model_dir
+from cluster.model_config import ModelConfig, check_model_dir
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:

@@ -54,3 +54,62 @@ def verify_draft(
         residual = torch.where(has_mass, residual, dist)
         dist = torch.where(rejected.unsqueeze(-1), residual, dist)
     return num_accepted, sample_from(dist, u_sample)
+
+
+# --- The coupled rule: drafter-invariant, any number of candidates ---------------------------------------
+# At each position the target's token is t* = argmax_v p_v / E_v, with Exponential(1) variates E keyed by
+# (seed, position) (keyed.race_noise): an exact sample from p (the exponential race, equivalently the
+# Gumbel-max trick). A draft token is accepted iff it equals t*, so every emitted token is t*, whatever
+# was drafted: output is target-only sampling with the same seed, token for token, for any drafter, K or
+# tree. A drafter that samples its own tokens as argmax_v q_v / E_v with the same E agrees with t* with
+# probability at least (1 - TV(p, q)) / (1 + TV(p, q)) (Daliri et al. 2024). Greedy is E = 1 (argmax p).
+
+
+def coupled_choice(probs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """t* per row: argmax p / E over the last dim (argmax p where noise is None)."""
+    if noise is None:
+        return probs.argmax(-1)
+    return (probs.double() / noise.to(probs.device)).argmax(-1)
+
+
+def accept_chain_coupled(chosen: torch.Tensor, draft_tokens: torch.Tensor,
+                         num_draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chains: chosen [B, K+1] (t* at each position), draft_tokens [B, K] padded, num_draft [B].
+    Returns (num_accepted [B], next_token [B]): drafts are kept while they equal t*."""
+    k = draft_tokens.shape[1]
+    valid = torch.arange(k, device=draft_tokens.device) < num_draft.unsqueeze(-1)
+    agree = (draft_tokens == chosen[:, :k]) & valid
+    num_accepted = agree.long().cumprod(dim=1).sum(dim=1)
+    return num_accepted, chosen.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
+
+
+def walk_tree(tokens: list[int], children: list[list[int]], chosen: list[int]) -> tuple[list[int], int]:
+    """Trees: follow, from the root, the child whose token is the chosen token at its parent.
+    chosen[0] is t* at the root, chosen[i + 1] at node i. Returns (accepted path, next token)."""
+    path, at = [], 0
+    while True:
+        token = chosen[at]
+        child = next((i for i in children[at] if tokens[i] == token), None)
+        if child is None:
+            return path, token
+        path.append(child)
+        at = child + 1
+
+
+# --- Recursive rejection over sibling candidates (SpecInfer / SpecTr), for the rejection rule ----------
+
+def recursive_rejection(p: torch.Tensor, candidates: list[tuple[int, torch.Tensor | None]],
+                        u_accept: list[float], u_residual: float) -> tuple[int, int]:
+    """Several candidates for one position, candidate j drawn independently from q_j (None: one-hot).
+    Try them in order: accept x_j with probability min(1, r(x_j) / q_j(x_j)), where r starts as p and after
+    each rejection becomes norm(max(0, r - q_j)); if all are rejected, sample from the last r. The emitted
+    token is distributed as p. Returns (index of the accepted candidate or -1, token)."""
+    r = p.double()
+    for j, (x, q) in enumerate(candidates):
+        q = torch.zeros_like(r).index_fill_(0, torch.tensor([x], device=r.device), 1.0) if q is None else q.double()
+        if u_accept[j] * q[x] < r[x]:
+            return j, x
+        residual = (r - q).clamp_min(0.0)
+        # No mass left can only come from float error (r == q, which always accepts): keep r.
+        r = residual / residual.sum() if residual.sum() > 0 else r
+    return -1, int(sample_from(r.unsqueeze(0), torch.tensor([u_residual], dtype=r.dtype))[0])

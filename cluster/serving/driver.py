@@ -178,11 +178,12 @@ class DeltaStream:
 
     def __next__(self) -> StreamDelta:
         while not self._done:
+            if not self._is_active():  # checked on every read: a busy stream never runs dry
+                self.close()
+                break
             try:
                 delta = self._deltas.get(timeout=self._poll_s)
             except queue.Empty:
-                if not self._is_active():
-                    self.close()
                 continue
             out = self.text.feed(delta)
             if self.text.stopped:  # a stop string: end it in the engine too, and report its statistics

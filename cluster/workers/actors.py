@@ -42,19 +42,18 @@ class _TargetActor(TargetWorker, _Placed):
 
 
 class _DraftActor(DraftWorker, _Placed):
-    def __init__(self, pool: PoolConfig, *args, **kwargs):
-        super().__init__(*args, device=_setup(pool), **kwargs)
+    def __init__(self, pool: PoolConfig, drafter_cfg, context):
+        context.device = _setup(pool)
+        super().__init__(drafter_cfg.kind, drafter_cfg.section, context)
 
 
 def start_target_actor(pool: PoolConfig, model_cfg, num_slots: int, capacity: int, name: str | None = None,
-                       extra_eos: tuple[int, ...] = ()):
+                       extra_eos: tuple[int, ...] = (), rule: str = "coupled"):
     options = actor_options(pool) | ({"name": name} if name else {})
     return ray.remote(_TargetActor).options(**options).remote(pool, model_cfg, num_slots, capacity,
-                                                              extra_eos=extra_eos)
+                                                              extra_eos=extra_eos, rule=rule)
 
 
-def start_draft_actor(pool: PoolConfig, drafter_cfg, num_slots: int, capacity: int, vocab: int, name: str | None = None,
-                      eos_ids: tuple[int, ...] = ()):
+def start_draft_actor(pool: PoolConfig, drafter_cfg, context, name: str | None = None):
     options = actor_options(pool) | ({"name": name} if name else {})
-    return ray.remote(_DraftActor).options(**options).remote(pool, drafter_cfg, num_slots, capacity, vocab,
-                                                             eos_ids=eos_ids)
+    return ray.remote(_DraftActor).options(**options).remote(pool, drafter_cfg, context)

@@ -1,85 +1,68 @@
-"""The draft side: a drafter plus each pinned sequence's tokens, kept in sync by deltas from the router."""
+"""The draft side: a drafter plus each pinned sequence's tokens, kept in sync by deltas from the engine."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
-import torch
-
-from cluster.config import DrafterConfig
-from cluster.drafters.base import DraftProposal, Drafter, DraftRequest
-from cluster.drafters.registry import build_drafter
-from cluster.types import SamplingParams
+from cluster.core.messages import DraftTask, Proposal
+from cluster.drafters.base import Drafter, DraftRequest
+from cluster.drafters.registry import BuildContext, build_drafter
 from cluster.workers.isolation import Failure, isolated
 
 
-def draft_seed(seed: int) -> int:
-    """The drafter's RNG must be independent of the target's acceptance uniforms (a shared stream would
-    correlate x ~ q with u and bias the output), so it gets its own seed derived from the request's."""
-    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)
-
-
 @dataclass
-class DraftItem:
-    seq_id: str
-    start: int  # new_tokens begin at this position of the sequence
-    new_tokens: list[int]  # tokens the worker has not been sent yet (accepted tokens never change)
-    k: int
-    params: SamplingParams
-    seed: int
-    num_prompt: int = 0
+class DraftResult:
+    proposals: list[Proposal] = field(default_factory=list)  # one per task; empty where drafting failed
+    compute_s: float = 0.0  # time this worker spent on the call (the cost model learns from it)
+    failed: list[str] = field(default_factory=list)  # seq_ids whose drafting raised
 
 
 class DraftWorker:
-    def __init__(self, cfg: DrafterConfig | None, num_slots: int, capacity: int, target_vocab: int,
-                 drafter: Drafter | None = None, device: str = "cpu", eos_ids: tuple[int, ...] = ()):
-        if drafter is None:
-            drafter = build_drafter(cfg, num_slots, capacity, target_vocab, device, tuple(eos_ids))
-        self.drafter = drafter
+    def __init__(self, kind: str | None, section, context: BuildContext, drafter: Drafter | None = None):
+        self.drafter = drafter if drafter is not None else build_drafter(kind, section, context)
         self.tokens: dict[str, list[int]] = {}
-        self.generators: dict[str, torch.Generator] = {}
         self.busy_s = 0.0
+        self.calls: deque[tuple[float, float]] = deque(maxlen=4096)  # (start, end) wall times of recent calls
 
-    def propose(self, items: list[DraftItem]) -> DraftProposal:
-        """Drafts for every item. An item whose drafting raises gets an empty draft (it verifies without
-        one: exact, only slower) and its state here is dropped, so it resynchronises next time."""
-        start = time.perf_counter()
-        rows = isolated(self._propose, items)
-        proposal = DraftProposal([], [])
-        for item, row in zip(items, rows):
+    def propose(self, tasks: list[DraftTask]) -> DraftResult:
+        """Proposals for every task. A task whose drafting raises gets an empty one (its request verifies
+        without drafts: exact, only slower) and its state here is dropped, so it resynchronises next time."""
+        start, wall = time.perf_counter(), time.time()
+        result = DraftResult()
+        for task, row in zip(tasks, isolated(self._propose, tasks)):
             if isinstance(row, Failure):
-                self.release([item.seq_id])
-                proposal.failed += 1
-                row = ([], None)
-            proposal.tokens.append(row[0])
-            proposal.probs.append(row[1])
-        if all(q is None for q in proposal.probs):
-            proposal.probs = []
-        proposal.compute_s = time.perf_counter() - start
-        self.busy_s += proposal.compute_s
-        return proposal
+                self.release([task.seq_id])
+                result.failed.append(task.seq_id)
+                row = Proposal()
+            result.proposals.append(row)
+        result.compute_s = time.perf_counter() - start
+        self.busy_s += result.compute_s
+        self.calls.append((wall, time.time()))
+        return result
 
-    def _propose(self, items: list[DraftItem]) -> list[tuple[list[int], torch.Tensor | None]]:
+    def _propose(self, tasks: list[DraftTask]) -> list[Proposal]:
         requests = []
-        for item in items:
-            tokens = self.tokens.setdefault(item.seq_id, [])
-            if item.start > len(tokens):
-                raise ValueError(f"{item.seq_id}: gap in token stream ({item.start} > {len(tokens)})")
-            del tokens[item.start:]
-            tokens.extend(item.new_tokens)
-            gen = self.generators.get(item.seq_id)
-            if gen is None:
-                gen = self.generators[item.seq_id] = torch.Generator().manual_seed(draft_seed(item.seed))
-            requests.append(DraftRequest(item.seq_id, tokens, item.k, item.params, gen, item.num_prompt))
-        proposal = self.drafter.propose(requests)
-        return [(proposal.tokens[row], proposal.q(row)) for row in range(len(items))]
+        for task in tasks:
+            tokens = self.tokens.setdefault(task.seq_id, [])
+            if task.start > len(tokens):
+                raise ValueError(f"{task.seq_id}: gap in token stream ({task.start} > {len(tokens)})")
+            del tokens[task.start:]
+            tokens.extend(task.new_tokens)
+            if task.last_accepted is not None:
+                self.drafter.observe(task.seq_id, task.last_accepted)
+            requests.append(DraftRequest(task.seq_id, tokens, task.budget, task.params, task.seed, task.num_prompt))
+        proposals = self.drafter.propose(requests)
+        return [p.truncated(t.budget) for p, t in zip(proposals, tasks)]  # never more than was asked for
 
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:
             self.tokens.pop(seq_id, None)
-            self.generators.pop(seq_id, None)
             self.drafter.release(seq_id)
+
+    def call_log(self) -> list[tuple[float, float]]:
+        return list(self.calls)
 
     @property
     def num_sequences(self) -> int:

@@ -1,25 +1,38 @@
-"""The target side: a model, the KV caches of the sequences pinned to it, and the acceptance rule.
+"""The target side: a model backend, the KV caches of the sequences pinned to it, and the acceptance rule.
 
-Verification happens here, next to the target's probabilities, so only token ids (and, for sampled
-requests, the draft's q) travel to this worker, and only (accepted count, next token) travel back.
+Verification happens here, next to the target's probabilities: only token ids travel to this worker
+(plus q under the rejection rule), and only a Verdict (the accepted path and the next token) travels back.
+
+Two rules, both exact (acceptance.py): `coupled` (the default) makes every emitted token the target's own
+keyed sample, so a seeded request gives the same tokens whatever was drafted; `rejection` is Leviathan /
+Chen's rule (recursive over siblings), which accepts a stochastic draft more often but whose tokens
+depend on the draft lengths. Greedy requests take the argmax under both.
 
 A pass is transactional: cache lengths and per-sequence state change only once the whole pass has
-succeeded. So when a batched pass raises, the worker can retry each sequence alone and fail only the
-one that raises (`Failure`); the others' results are exact and nothing is left half-applied.
+succeeded, so a batch whose pass raises is retried one sequence at a time and only the culprit fails.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from cluster.config import ModelConfig
+from cluster.core.messages import Prefill, Proposal, Verdict, VerifyTask
+from cluster.models.backend import HFBackend, Row
 from cluster.models.loader import load_model
-from cluster.models.runner import ModelRunner
 from cluster.requests import eos_ids
-from cluster.sampling.acceptance import verify_draft
+from cluster.sampling import keyed
+from cluster.sampling.acceptance import (
+    accept_chain_coupled,
+    coupled_choice,
+    recursive_rejection,
+    verify_draft,
+    walk_tree,
+)
 from cluster.sampling.logits import (
     SamplingTensors,
     TokenHistory,
@@ -31,31 +44,15 @@ from cluster.sampling.logits import (
 from cluster.types import SamplingParams, TokenLogprob
 from cluster.workers.isolation import Failure, isolated
 
-
-@dataclass
-class PrefillItem:
-    seq_id: str
-    tokens: list[int]  # prompt (new request) or prompt + output so far (resume after a failover)
-    num_prompt: int
-    params: SamplingParams
-    seed: int
-    resume: bool = False  # True: tokens[-1] was already emitted; cache the rest and sample nothing
-
-
-@dataclass
-class VerifyItem:
-    seq_id: str
-    draft: list[int]
-    draft_probs: torch.Tensor | None = None  # [len(draft), V] processed q, None for a deterministic draft
+RULES = ("coupled", "rejection")
 
 
 @dataclass
 class Emitted:
-    """What one pass emitted for one sequence: `accepted` draft tokens, then `token` (the next one)."""
+    """A prefill's first token (None when resuming a sequence after a failover)."""
 
-    accepted: int
-    token: int | None  # None: a resumed sequence's prefill emits nothing
-    logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the request asked
+    token: int | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -64,29 +61,38 @@ class _TargetSeq:
     tokens: list[int]  # prompt + output; the last one is pending: emitted, not yet in the cache
     num_prompt: int
     params: SamplingParams
-    generator: torch.Generator
+    seed: int
+
+    @property
+    def position(self) -> int:
+        """Output position of the token after the pending one (the keys of its random draws)."""
+        return len(self.tokens) - self.num_prompt
 
 
 class TargetWorker:
     def __init__(self, model_cfg: ModelConfig, num_slots: int, capacity: int, model: torch.nn.Module | None = None,
-                 device: str = "cpu", extra_eos: tuple[int, ...] = ()):
+                 device: str = "cpu", extra_eos: tuple[int, ...] = (), rule: str = "coupled"):
+        if rule not in RULES:
+            raise ValueError(f"rule: {rule!r} is not one of {RULES}")
         model = model if model is not None else load_model(model_cfg, device)
-        self.runner = ModelRunner(model, num_slots, capacity)
+        self.backend = HFBackend(model, num_slots, capacity)
+        self.rule = rule
         self.eos_ids = sorted(eos_ids(model) | set(extra_eos))  # held off below min_tokens
         self.seqs: dict[str, _TargetSeq] = {}
-        self.busy_s = 0.0  # time spent in forward passes: utilisation = busy_s / wall time
+        self.busy_s = 0.0  # time spent in passes: utilisation = busy_s / wall time
         self.passes = 0
+        self.calls: deque[tuple[float, float]] = deque(maxlen=4096)  # (start, end) wall times of recent passes
 
     # --- calls -----------------------------------------------------------------------------------
-    def prefill(self, items: list[PrefillItem]) -> list[Emitted | Failure]:
-        """Cache each sequence and sample its first token (nothing for resumed sequences)."""
+    def prefill(self, items: list[Prefill]) -> list[Emitted | Failure]:
+        """Cache each sequence and choose its first token (nothing for resumed sequences)."""
         return self._timed(self._prefill, items)
 
-    def verify(self, items: list[VerifyItem]) -> list[Emitted | Failure]:
-        """One ragged forward over [pending] + draft per sequence; what each accepted and emits next."""
+    def verify(self, items: list[VerifyTask]) -> list[Verdict | Failure]:
+        """One ragged forward over [pending] + proposal (a chain or a tree) per sequence."""
         return self._timed(self._verify, items)
 
-    def verify_timed(self, items: list[VerifyItem]) -> tuple[list[Emitted | Failure], float]:
+    def verify_timed(self, items: list[VerifyTask]) -> tuple[list[Verdict | Failure], float]:
         """verify(), plus the seconds this worker computed: the router's overhead is the rest."""
         busy = self.busy_s
         return self.verify(items), self.busy_s - busy
@@ -95,48 +101,51 @@ class TargetWorker:
         for seq_id in seq_ids:
             seq = self.seqs.pop(seq_id, None)
             if seq is not None:
-                self.runner.cache.free(seq.slot)
+                self.backend.cache.free(seq.slot)
 
-    # --- passes ----------------------------------------------------------------------------------
+    def calibrate(self):
+        """Measure this worker's pass-cost curve (the scheduler's cost model reads it)."""
+        return self.backend.calibrate()
+
+    def call_log(self) -> list[tuple[float, float]]:
+        """(start, end) wall-clock times of recent passes: shows whether drafting overlapped them."""
+        return list(self.calls)
+
     def _timed(self, run, items: list) -> list:
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         try:
             return isolated(run, items)
         finally:
             self.busy_s += time.perf_counter() - start
             self.passes += 1
+            self.calls.append((wall, time.time()))
 
-    def _prefill(self, items: list[PrefillItem]) -> list[Emitted]:
+    # --- prefill -----------------------------------------------------------------------------------
+    def _prefill(self, items: list[Prefill]) -> list[Emitted]:
         for item in items:
             if item.seq_id in self.seqs:
                 raise ValueError(f"sequence {item.seq_id} is already on this worker")
-        new = {}
+        cache = self.backend.cache
+        new: dict[str, _TargetSeq] = {}
         try:
             for item in items:
-                gen = torch.Generator().manual_seed(item.seed)
-                new[item.seq_id] = _TargetSeq(self.runner.cache.allocate(), list(item.tokens), item.num_prompt,
-                                              item.params, gen)
+                new[item.seq_id] = _TargetSeq(cache.allocate(), list(item.tokens), item.num_prompt, item.params,
+                                              item.seed)
             feeds = [item.tokens[:-1] if item.resume else item.tokens for item in items]
+            out = [Emitted(None) for _ in items]
             fresh = [i for i, f in enumerate(feeds) if f]  # a 1-token resume has nothing to cache
-            out = [Emitted(0, None) for _ in items]
             if fresh:
                 seqs = [new[items[i].seq_id] for i in fresh]
-                lengths = [self.runner.cache.lengths[s.slot] for s in seqs]
-                try:
-                    logits = self.runner.forward([s.slot for s in seqs], [feeds[i] for i in fresh], last_only=True)
-                    sampled = [i for i in fresh if not items[i].resume]
-                    if sampled:
-                        rows = [fresh.index(i) for i in sampled]
-                        emitted = self._sample_first(logits[rows], [new[items[i].seq_id] for i in sampled])
-                        for i, e in zip(sampled, emitted):
-                            out[i] = e
-                except Exception:
-                    for s, length in zip(seqs, lengths):
-                        self.runner.cache.truncate(s.slot, length)
-                    raise
+                logits = self.backend.forward([Row(s.slot, feeds[i]) for s, i in zip(seqs, fresh)], last_only=True).logits
+                sampled = [(r, i) for r, i in enumerate(fresh) if not items[i].resume]
+                if sampled:
+                    rows = torch.tensor([r for r, _ in sampled], device=logits.device)
+                    chosen = [new[items[i].seq_id] for _, i in sampled]
+                    for (_, i), e in zip(sampled, self._first_tokens(logits[rows], chosen)):
+                        out[i] = e
         except Exception:
             for s in new.values():
-                self.runner.cache.free(s.slot)
+                cache.free(s.slot)
             raise
         for item, e in zip(items, out):  # commit
             seq = self.seqs[item.seq_id] = new[item.seq_id]
@@ -144,62 +153,159 @@ class TargetWorker:
                 seq.tokens.append(e.token)
         return out
 
-    def _sample_first(self, logits: torch.Tensor, seqs: list[_TargetSeq]) -> list[Emitted]:
-        st, history = self._sampling([s.params for s in seqs], seqs, logits.device)
+    def _first_tokens(self, logits: torch.Tensor, seqs: list[_TargetSeq]) -> list[Emitted]:
+        st, history = self._sampling(seqs, logits.device)
         adjusted = adjust_logits(logits, st, history)
-        u = torch.stack([_uniforms(s, 1)[0] for s in seqs])
-        tokens = sample_from(probs_from_logits(adjusted, st), u).tolist()
-        logprobs = self._logprobs(adjusted.unsqueeze(1), st, seqs, [[t] for t in tokens])
-        return [Emitted(0, t, lp) for t, lp in zip(tokens, logprobs)]
+        probs = probs_from_logits(adjusted, st)
+        tokens = [self._choose(probs[i], s, s.position) for i, s in enumerate(seqs)]
+        logprobs = self._logprobs(adjusted.unsqueeze(1), st, seqs, [[0]] * len(seqs), [[t] for t in tokens])
+        return [Emitted(t, lp) for t, lp in zip(tokens, logprobs)]
 
-    def _verify(self, items: list[VerifyItem]) -> list[Emitted]:
+    def _choose(self, p: torch.Tensor, seq: _TargetSeq, position: int) -> int:
+        """The target's own token at a position with nothing drafted (or nothing accepted, coupled)."""
+        if seq.params.greedy:
+            return int(p.argmax())
+        if self.rule == "coupled":
+            return int(coupled_choice(p, keyed.race_noise(seq.seed, position, p.shape[-1])))
+        u = torch.tensor([keyed.uniform(seq.seed, position, keyed.RESIDUAL)], dtype=torch.float64)
+        return int(sample_from(p.double().unsqueeze(0), u)[0])
+
+    # --- verify ------------------------------------------------------------------------------------
+    def _verify(self, items: list[VerifyTask]) -> list[Verdict]:
         seqs = [self.seqs[item.seq_id] for item in items]
-        slots = [s.slot for s in seqs]
-        lengths = [self.runner.cache.lengths[slot] for slot in slots]
+        proposals = [item.proposal or Proposal() for item in items]
+        for p in proposals:
+            p.validate(self.vocab_size)
+        cache = self.backend.cache
+        starts = [cache.lengths[s.slot] for s in seqs]
+        rows = [Row(s.slot, [s.tokens[-1]] + p.tokens, None if p.is_chain else [-1] + [q + 1 for q in p.parents])
+                for s, p in zip(seqs, proposals)]
+        want_hidden = any(item.want_hidden for item in items)
         try:
-            logits = self.runner.forward(slots, [[s.tokens[-1]] + item.draft for s, item in zip(seqs, items)])
-            results = self._accept(logits, seqs, items)
+            out = self.backend.forward(rows, hidden=want_hidden)
+            verdicts, keeps = self._accept(out.logits, seqs, proposals)
         except Exception:
-            for slot, length in zip(slots, lengths):
-                self.runner.cache.truncate(slot, length)
+            for s, start in zip(seqs, starts):
+                cache.truncate(s.slot, start)
             raise
-        for s, slot, length, item, r in zip(seqs, slots, lengths, items, results):  # commit
-            self.runner.cache.truncate(slot, length + 1 + r.accepted)  # pending + accepted drafts: a counter move
-            s.tokens.extend(item.draft[: r.accepted] + [r.token])
+        for row, (s, start, item, p, v, keep) in enumerate(zip(seqs, starts, items, proposals, verdicts, keeps)):
+            self.backend.commit(s.slot, start, keep)  # commit
+            s.tokens.extend(p.path_tokens(v.path) + [v.token])
+            if item.want_hidden:
+                v.hidden = out.hidden[row, keep].float().cpu()
+        return verdicts
+
+    def _accept(self, logits: torch.Tensor, seqs: list[_TargetSeq], proposals: list[Proposal]):
+        device = logits.device
+        st, history = self._sampling(seqs, device)
+        adjusted = self._adjust(logits, st, history, seqs, proposals)
+        probs = probs_from_logits(adjusted, st)
+        if self.rule == "rejection" and not all(s.params.greedy for s in seqs):
+            results = self._accept_rejection(probs, seqs, proposals)
+        else:
+            results = self._accept_coupled(probs, seqs, proposals)
+        keeps = [[0] + [i + 1 for i in path] for path, _ in results]
+        emitted = [p.path_tokens(path) + [token] for p, (path, token) in zip(proposals, results)]
+        logprobs = self._logprobs(adjusted, st, seqs, keeps, emitted)
+        verdicts = [Verdict(path, token, lp) for (path, token), lp in zip(results, logprobs)]
+        return verdicts, keeps
+
+    def _adjust(self, logits, st, history, seqs, proposals) -> torch.Tensor:
+        """Bias, min_tokens and penalties at every node, each seeing the draft tokens on its own path."""
+        if history is None or all(p.is_chain for p in proposals):
+            width = logits.shape[1] - 1
+            steps = torch.full((len(seqs), width), -1, dtype=torch.long, device=logits.device)
+            for i, p in enumerate(proposals):
+                steps[i, : len(p)] = torch.tensor(p.tokens, dtype=torch.long)
+            return adjust_logits(logits, st, history, steps if width else None)
+        adjusted = adjust_logits(logits, st)  # the bias; penalties per node below
+        for i, (s, p) in enumerate(zip(seqs, proposals)):
+            if not s.params.penalized:
+                continue
+            paths = [[]] + [None] * len(p)
+            for j, parent in enumerate(p.parents):
+                paths[j + 1] = paths[parent + 1] + [p.tokens[j]]
+            for j, path in enumerate(paths):
+                node = TokenHistory([(s.tokens + path, s.num_prompt)], [s.params], self.vocab_size, logits.device,
+                                    self.eos_ids)
+                adjusted[i, j] = node.apply(adjusted[i, j].unsqueeze(0))[0]
+        return adjusted
+
+    def _accept_coupled(self, probs, seqs, proposals) -> list[tuple[list[int], int]]:
+        """t* at every node (argmax p, or argmax p / E with E keyed by the node's output position)."""
+        results = []
+        for i, (s, p) in enumerate(zip(seqs, proposals)):
+            depths = [0] + p.depths()
+            nodes = probs[i, : len(p) + 1]
+            if s.params.greedy:
+                chosen = nodes.argmax(-1)
+            else:
+                noise = {d: keyed.race_noise(s.seed, s.position + d, nodes.shape[-1]) for d in set(depths)}
+                chosen = coupled_choice(nodes, torch.stack([noise[d] for d in depths]))
+            chosen = chosen.tolist()
+            if p.is_chain:
+                n, token = accept_chain_coupled(torch.tensor([chosen]), torch.tensor([p.tokens or [0]])[:, : len(p)],
+                                                torch.tensor([len(p)]))
+                results.append((list(range(int(n))), int(token)))
+            else:
+                results.append(walk_tree(p.tokens, p.children(), chosen))
         return results
 
-    def _accept(self, logits: torch.Tensor, seqs: list[_TargetSeq], items: list[VerifyItem]) -> list[Emitted]:
-        device = logits.device
-        batch, width = len(items), logits.shape[1] - 1
-        draft_tokens = torch.full((batch, width), -1, dtype=torch.long)
-        for i, item in enumerate(items):
-            draft_tokens[i, : len(item.draft)] = torch.tensor(item.draft, dtype=torch.long)
-        draft_tokens = draft_tokens.to(device)
-        st, history = self._sampling([s.params for s in seqs], seqs, device)
-        adjusted = adjust_logits(logits, st, history, draft_tokens)
-        target_probs = probs_from_logits(adjusted, st)
-        u_accept, u_sample = torch.zeros(batch, width), torch.zeros(batch)
-        draft_probs = None
-        if any(item.draft_probs is not None for item in items) and width:
-            draft_probs = torch.zeros(batch, width, target_probs.shape[-1], device=device)
-        for i, (s, item) in enumerate(zip(seqs, items)):
-            k = len(item.draft)
-            u = _uniforms(s, k + 1)  # depends only on this request: seeds reproduce whatever the batch
-            u_accept[i, :k], u_sample[i] = u[:-1], u[-1]
-            if draft_probs is not None:
-                if item.draft_probs is not None:
-                    draft_probs[i, :k] = item.draft_probs[:k].to(device)
-                else:  # a deterministic draft in a batch with sampled ones: q is one-hot
-                    draft_probs[i, torch.arange(k), draft_tokens[i, :k]] = 1.0
-        num_draft = torch.tensor([len(it.draft) for it in items], device=device)
-        n, nxt = verify_draft(target_probs, draft_tokens.clamp(min=0), num_draft, draft_probs,
-                              u_accept.to(device), u_sample.to(device))
-        n, nxt = n.tolist(), nxt.tolist()
-        emitted = [item.draft[:a] + [t] for item, a, t in zip(items, n, nxt)]
-        logprobs = self._logprobs(adjusted, st, seqs, emitted)
-        return [Emitted(a, t, lp) for a, t, lp in zip(n, nxt, logprobs)]
+    def _accept_rejection(self, probs, seqs, proposals) -> list[tuple[list[int], int]]:
+        """Leviathan / Chen for chains (batched), recursive rejection over siblings for trees; every
+        uniform keyed by (seed, output position, purpose)."""
+        results: list = [None] * len(seqs)
+        chains = [i for i, p in enumerate(proposals) if p.is_chain]
+        if chains:
+            width = probs.shape[1] - 1
+            b = len(chains)
+            draft = torch.zeros(b, width, dtype=torch.long)
+            q = torch.zeros(b, width, probs.shape[-1]) if width else None
+            u_accept, u_sample = torch.zeros(b, width), torch.zeros(b)
+            for r, i in enumerate(chains):
+                s, p = seqs[i], proposals[i]
+                k = len(p)
+                draft[r, :k] = torch.tensor(p.tokens, dtype=torch.long)
+                if q is not None:
+                    q[r, :k] = p.q[:k] if p.q is not None else torch.nn.functional.one_hot(draft[r, :k], q.shape[-1]).float()
+                u_accept[r, :k] = torch.tensor([keyed.uniform(s.seed, s.position + j, keyed.ACCEPT) for j in range(k)])
+            device = probs.device
+            index = torch.tensor(chains, device=device)
+            n, _ = verify_draft(probs[index], draft.to(device), torch.tensor([len(proposals[i]) for i in chains], device=device),
+                                None if q is None else q.to(device), u_accept.to(device), u_sample.to(device))
+            for r, i in enumerate(chains):  # the next token from p or the residual, keyed by its own position
+                accepted = int(n[r])
+                s, p = seqs[i], proposals[i]
+                u_sample[r] = keyed.uniform(s.seed, s.position + accepted, keyed.RESIDUAL)
+            _, nxt = verify_draft(probs[index], draft.to(device), torch.tensor([len(proposals[i]) for i in chains], device=device),
+                                  None if q is None else q.to(device), u_accept.to(device), u_sample.to(device))
+            for r, i in enumerate(chains):
+                results[i] = (list(range(int(n[r]))), int(nxt[r]))
+        for i, (s, p) in enumerate(zip(seqs, proposals)):
+            if results[i] is not None:
+                continue
+            children, path, at = p.children(), [], 0
+            while True:
+                position = s.position + len(path)
+                kids = children[at]
+                if s.params.greedy:
+                    token = int(probs[i, at].argmax())
+                    child = next((c for c in kids if p.tokens[c] == token), None)
+                else:
+                    candidates = [(p.tokens[c], None if p.q is None else p.q[c]) for c in kids]
+                    u = [keyed.uniform(s.seed, position, keyed.ACCEPT, j) for j in range(len(kids))]
+                    j, token = recursive_rejection(probs[i, at], candidates, u,
+                                                   keyed.uniform(s.seed, position, keyed.RESIDUAL))
+                    child = kids[j] if j >= 0 else None
+                if child is None:
+                    results[i] = (path, token)
+                    break
+                path.append(child)
+                at = child + 1
+        return results
 
-    def _sampling(self, params: list[SamplingParams], seqs: list[_TargetSeq], device):
+    def _sampling(self, seqs: list[_TargetSeq], device):
+        params = [s.params for s in seqs]
         st = SamplingTensors.from_params(params, self.vocab_size, device)
         history = None
         if any(p.penalized for p in params):
@@ -208,9 +314,9 @@ class TargetWorker:
         return st, history
 
     @staticmethod
-    def _logprobs(adjusted: torch.Tensor, st: SamplingTensors, seqs: list[_TargetSeq],
+    def _logprobs(adjusted: torch.Tensor, st: SamplingTensors, seqs: list[_TargetSeq], keeps: list[list[int]],
                   emitted: list[list[int]]) -> list[list[TokenLogprob] | None]:
-        """The emitted tokens' log-probabilities (positions 0..len-1 of adjusted [B, T, V]), for rows that asked."""
+        """Each emitted token's log-probability, read at the node that produced it, for rows that asked."""
         out: list[list[TokenLogprob] | None] = [None] * len(seqs)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not rows:
@@ -220,34 +326,29 @@ class TargetWorker:
         for r, i in enumerate(rows):
             n_top = seqs[i].params.logprobs
             entries = []
-            for pos, token in enumerate(emitted[i]):
-                top = lp[r, pos].topk(n_top) if n_top else None
+            for node, token in zip(keeps[i], emitted[i]):
+                top = lp[r, node].topk(n_top) if n_top else None
                 alts = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-                entries.append(TokenLogprob(token, float(lp[r, pos, token]), alts))
+                entries.append(TokenLogprob(token, float(lp[r, node, token]), alts))
             out[i] = entries
         return out
 
     # --- state -----------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self.runner.vocab_size
+        return self.backend.vocab_size
 
     @property
     def max_context(self) -> int | None:
-        return getattr(self.runner.model.config, "max_position_embeddings", None)
+        return self.backend.max_context
 
     def info(self) -> dict:
         return {"vocab_size": self.vocab_size, "max_context": self.max_context, "eos_ids": self.eos_ids}
 
     def load(self) -> dict:
-        return {"sequences": len(self.seqs), "free_slots": self.runner.cache.num_free,
-                "cache_occupied": self.runner.cache.occupied, "busy_s": self.busy_s, "passes": self.passes}
+        cache = self.backend.cache
+        return {"sequences": len(self.seqs), "free_slots": cache.num_free, "cache_occupied": cache.occupied,
+                "busy_s": self.busy_s, "passes": self.passes}
 
     def ping(self) -> bool:
         return True
-
-
-def _uniforms(seq: _TargetSeq, n: int) -> torch.Tensor:
-    if seq.params.greedy:  # p is one-hot: the rule needs no randomness; leave the RNG untouched
-        return torch.zeros(n)
-    return torch.rand(n, generator=seq.generator)

@@ -84,7 +84,7 @@ class Server:
 
     def occupancy(self) -> int:
         """Slots and sequences held anywhere in the engine (0 when idle)."""
-        return self.driver.call(lambda e: e.target.runner.cache.occupied + len(e.target.seqs) + len(e.running)
+        return self.driver.call(lambda e: e.target.backend.cache.occupied + len(e.target.seqs) + len(e.running)
                                 + len(e.waiting) + (e.drafter.num_sequences if e.drafter else 0))
 
     def wait_idle(self, timeout: float = 10.0) -> int:
@@ -126,8 +126,8 @@ def faulty_engine_factory(make_engine):
 
     def factory(**limits):
         base = make_engine("model", k=4, draft="draft_noisy", **limits)
-        target = FaultyTarget(base.config.target, base.config.limits.max_batch_size, base.target.runner.cache.capacity,
-                              model=base.target.runner.model, extra_eos=tuple(base.target.eos_ids))
+        target = FaultyTarget(base.config.target, base.config.limits.max_batch_size, base.target.backend.cache.capacity,
+                              model=base.target.backend.model, extra_eos=tuple(base.target.eos_ids))
         return SpecEngine(base.config, tokenizer=base.tokenizer, target=target)
 
     return factory

@@ -8,6 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cluster.drafters.ngram import NgramDrafter
+from cluster.engine import SpecEngine
 from cluster.serving.driver import EngineDriver
 from deployments.grpc_ingress import SERVICE, build_server
 from specdec.v1 import generation_pb2 as pb
@@ -34,7 +36,7 @@ def served(make_engine):
 
 
 def _occupied(driver) -> int:
-    return driver.call(lambda e: e.target.runner.cache.occupied + e.drafter.num_sequences + len(e.running))
+    return driver.call(lambda e: e.target.backend.cache.occupied + e.drafter.num_sequences + len(e.running))
 
 
 def _wait_freed(driver, timeout=5.0):
@@ -109,22 +111,84 @@ def test_bad_input_is_invalid_argument_naming_the_field(served, fields, field):
     assert stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=3)).completion_tokens == 3
 
 
-def test_cancelled_stream_frees_caches(served):
-    driver, stub, _ = served
-    call = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=60))
+class _SlowDrafter(NgramDrafter):
+    """Prompt lookup that takes 20 ms a step, like a real draft model: a 200-token request then runs for
+    seconds, so these tests measure cancellation instead of racing a 1 ms tiny-model step."""
+
+    def propose(self, batch):
+        time.sleep(0.02)
+        return super().propose(batch)
+
+
+@pytest.fixture(scope="module")
+def slow(make_engine):
+    base = make_engine("ngram", k=3, max_tokens=400, max_model_len=512)
+    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=_SlowDrafter())
+    driver, server, channel = _serve(engine)
+    yield driver, pb_grpc.GenerationStub(channel)
+    channel.close()
+    server.stop(0)
+    driver.close()
+
+
+def _steps(driver) -> int:
+    return driver.call(lambda e: e.timings.steps)
+
+
+def _cancelled(driver) -> float:
+    return driver.call(lambda e: e.metrics.value("specdec_requests_total", finish_reason="cancelled"))
+
+
+def test_cancelled_stream_stops_generation_and_frees_caches(slow):
+    driver, stub = slow
+    request = pb.GenerateRequest(prompt=PROMPT, max_tokens=300, stop=["never-generated"])
+    call = stub.GenerateStream(request)
     next(call)
     next(call)
+    cancelled, at_cancel = _cancelled(driver), _steps(driver)
     call.cancel()
     assert _wait_freed(driver) == 0
+    assert _steps(driver) - at_cancel <= 5  # ~300 steps were left: generation stopped at once
+    assert _cancelled(driver) == cancelled + 1
     assert stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=3)).completion_tokens == 3
 
 
-def test_deadline_stops_generation(served):
-    driver, stub, _ = served
+def test_deadline_stops_generation(slow):
+    driver, stub = slow
+    cancelled, before = _cancelled(driver), _steps(driver)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=60), timeout=0.001)
+        stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=300, stop=["never-generated"]), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_freed(driver) == 0
+    assert _cancelled(driver) == cancelled + 1
+    assert _steps(driver) - before < 100  # a full run is ~300 steps of >= 20 ms
+
+
+def test_cancelling_a_waiting_request_removes_it(make_engine):
+    """With the only slot busy, a second stream waits; cancelling it removes it from the queue."""
+    base = make_engine("ngram", k=3, max_tokens=400, max_model_len=512, max_batch_size=1)
+    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=_SlowDrafter())
+    driver, server, channel = _serve(engine)
+    try:
+        stub = pb_grpc.GenerationStub(channel)
+        running = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=300))
+        next(running)
+        waiting = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=300))
+        deadline = time.time() + 10
+        while not driver.call(lambda e: len(e.waiting)) and time.time() < deadline:
+            time.sleep(0.02)
+        assert driver.call(lambda e: len(e.waiting)) == 1
+        waiting.cancel()
+        deadline = time.time() + 10
+        while driver.call(lambda e: len(e.waiting)) and time.time() < deadline:
+            time.sleep(0.02)
+        assert driver.call(lambda e: len(e.waiting)) == 0 and driver.call(lambda e: len(e.running)) == 1
+        running.cancel()
+        assert _wait_freed(driver) == 0
+    finally:
+        channel.close()
+        server.stop(0)
+        driver.close()
 
 
 def test_overload_is_resource_exhausted(make_engine):

@@ -73,7 +73,7 @@ def _full_batch_runs_at_once(server):
     """max_batch_size requests submitted together are all running in one step: capacity is back to full."""
     engine = server.engine
     size = engine.config.limits.max_batch_size
-    assert engine.target.runner.cache.num_free == size
+    assert engine.target.backend.cache.num_free == size
     peak, step = [0], engine.step
 
     def watched():

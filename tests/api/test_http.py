@@ -30,7 +30,7 @@ class _SlowDrafter(NgramDrafter):
 @pytest.fixture(scope="module")
 def http(make_engine):
     base = make_engine("ngram", k=3, max_tokens=200)
-    engine = SpecEngine(base.config, model=base.target.runner.model, tokenizer=base.tokenizer, drafter=_SlowDrafter())
+    engine = SpecEngine(base.config, model=base.target.backend.model, tokenizer=base.tokenizer, drafter=_SlowDrafter())
     driver = EngineDriver(engine)
     openai_api.configure(driver, "tiny", api_key="s3cret")
     with socket.socket() as s:
@@ -39,7 +39,9 @@ def http(make_engine):
     server = uvicorn.Server(uvicorn.Config(openai_api.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.time() + 30
     while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}", driver
     server.should_exit = True
@@ -79,7 +81,7 @@ def test_dropped_stream_stops_generation_and_frees_caches(http):
     assert response.readline().startswith(b"data: ")
     response.close()  # the client goes away mid-stream
     deadline = time.time() + 10
-    while driver.call(lambda e: len(e.running) + e.target.runner.cache.occupied) and time.time() < deadline:
+    while driver.call(lambda e: len(e.running) + e.target.backend.cache.occupied) and time.time() < deadline:
         time.sleep(0.05)
-    assert driver.call(lambda e: len(e.running) + e.target.runner.cache.occupied + e.drafter.num_sequences) == 0
+    assert driver.call(lambda e: len(e.running) + e.target.backend.cache.occupied + e.drafter.num_sequences) == 0
     assert steps() - before < full_steps / 2  # cancelled, not run to the end

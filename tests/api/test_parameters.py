@@ -51,12 +51,13 @@ def test_penalties_and_logit_bias_change_output_as_in_the_engine(server, target_
 
 
 def test_min_tokens_holds_off_eos(server, target_only):
-    out = target_only.generate(["x"], SamplingParams(max_tokens=60))[0]
-    assert out.finish_reason == "eos", "the tiny target ends this prompt with EOS"
-    n = len(out.token_ids) + 4
-    body = _text(server, {"prompt": "x", "max_tokens": 60, "min_tokens": n})
-    assert body["usage"]["completion_tokens"] >= n
-    assert server.stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=60, min_tokens=n)).completion_tokens >= n
+    eos = target_only.tokenizer.eos_token_id
+    bias = {str(eos): 30}  # the target now wants to stop at once
+    assert _text(server, {"prompt": "x", "max_tokens": 60, "logit_bias": bias})["usage"]["completion_tokens"] == 1
+    body = _text(server, {"prompt": "x", "max_tokens": 60, "min_tokens": 9, "logit_bias": bias})
+    assert body["usage"]["completion_tokens"] == 10 and body["choices"][0]["finish_reason"] == "stop"
+    response = server.stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=60, min_tokens=9, logit_bias={eos: 30}))
+    assert response.completion_tokens == 10 and response.finish_reason == "eos"
 
 
 def test_stop_as_a_string_or_a_list(server, target_only):

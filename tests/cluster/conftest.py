@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import ray
 
-from cluster.config import ClusterConfig, DrafterConfig, EngineConfig, ModelConfig, PoolConfig, SpeculationConfig
+from cluster.config import ClusterConfig, EngineConfig, ModelConfig, PoolConfig, SpeculationConfig
+from tests.conftest import drafter_config
 
 
 def cluster_config(tiny_models, *, k=3, kind="model", draft="draft_noisy", replicas=2, pipelining=True,
-                   adaptive=False, **limits) -> EngineConfig:
+                   adaptive=False, rule="coupled", **limits) -> EngineConfig:
     pool = dict(replicas=replicas, num_cpus=0, torch_threads=1)
     config = EngineConfig(
         target=ModelConfig(str(tiny_models["target"])),
-        drafter=DrafterConfig(kind=kind, model=ModelConfig(str(tiny_models[draft])) if kind == "model" else None),
-        speculation=SpeculationConfig(k=k, k_min=1, k_max=8, adaptive=adaptive),
+        drafter=drafter_config(tiny_models, kind, draft),
+        speculation=SpeculationConfig(k=k, k_max=8, adaptive=adaptive, rule=rule),
         cluster=ClusterConfig(
             target_pool=PoolConfig(resources={"target_node": 1}, **pool),
             draft_pool=PoolConfig(resources={"draft_node": 1}, **pool),

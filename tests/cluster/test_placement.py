@@ -1,5 +1,7 @@
 """Placement on a real multi-node Ray cluster (ray.cluster_utils): separate draft and target nodes."""
 
+import time
+
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -27,8 +29,8 @@ def test_drafts_and_targets_land_on_their_own_nodes(two_tier_cluster, tiny_model
     router = Router(cluster_config(tiny_models, replicas=2))
     try:
         router.wait_ready()
-        target_nodes = set(ray.get([h.node_id.remote() for h in router.targets.handles]))
-        draft_nodes = set(ray.get([h.node_id.remote() for h in router.drafts.handles]))
+        target_nodes = set(ray.get([h.node_id.remote() for h in router.targets.handles.values()]))
+        draft_nodes = set(ray.get([h.node_id.remote() for h in router.drafts.handles.values()]))
         assert target_nodes == {two_tier_cluster["target"]}
         assert draft_nodes == {two_tier_cluster["draft"]}
         prompts = ["def add(a, b):\n    return", "import os\n", "x", "class A:\n"]
@@ -40,12 +42,22 @@ def test_drafts_and_targets_land_on_their_own_nodes(two_tier_cluster, tiny_model
 
 
 def test_actor_without_matching_node_stays_pending(two_tier_cluster, tiny_models):
-    """A pool asking for a resource no node has is never placed on the wrong node."""
-    config = cluster_config(tiny_models, replicas=1)
-    config.cluster.target_pool.resources = {"h100_node": 1}
+    """A pool asking for a resource no node has is never placed, while the same actor asking for a
+    resource the target node has answers within the same wait (the positive control)."""
     from cluster.workers.actors import start_target_actor
 
-    actor = start_target_actor(config.cluster.target_pool, config.target, 2, 64)
-    ready, _ = ray.wait([actor.ping.remote()], timeout=3)
-    assert not ready
-    ray.kill(actor)
+    config = cluster_config(tiny_models, replicas=1)
+    start = time.time()
+    placeable = start_target_actor(config.cluster.target_pool, config.target, 2, 64)
+    config.cluster.target_pool.resources = {"h100_node": 1}
+    unplaceable = start_target_actor(config.cluster.target_pool, config.target, 2, 64)
+    try:
+        ready, _ = ray.wait([placeable.node_id.remote()], timeout=120)
+        assert ready and ray.get(ready[0]) == two_tier_cluster["target"]
+        took = time.time() - start
+        # Started together: the unplaceable one gets twice what the placeable one needed, and more.
+        ready, _ = ray.wait([unplaceable.ping.remote()], timeout=max(took, 10.0))
+        assert not ready
+    finally:
+        ray.kill(placeable)
+        ray.kill(unplaceable)

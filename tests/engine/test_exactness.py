@@ -34,12 +34,6 @@ def hf_target(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
 
 
-def test_prompts_have_different_lengths(make_engine):
-    tok = make_engine("ngram", k=0).tokenizer
-    lengths = {len(tok.encode(p)) for p in PROMPTS}
-    assert len(PROMPTS) >= 8 and len(lengths) >= 8
-
-
 def test_target_only_equals_hf_generate(baseline, hf_target, make_engine):
     tok = make_engine("ngram", k=0).tokenizer
     ties = 0
@@ -52,7 +46,8 @@ def test_target_only_equals_hf_generate(baseline, hf_target, make_engine):
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
-@pytest.mark.parametrize("kind, draft", [("ngram", None), ("model", "draft_noisy"), ("model", "draft_small")])
+@pytest.mark.parametrize("kind, draft", [("ngram", None), ("model", "draft_noisy"), ("model", "draft_small"),
+                                         ("model", "target")])
 def test_speculative_equals_target_only(make_engine, baseline, hf_target, kind, draft, k):
     engine = make_engine(kind, k=k, draft=draft or "draft_noisy")
     outputs = engine.generate(PROMPTS, PARAMS)
@@ -63,7 +58,9 @@ def test_speculative_equals_target_only(make_engine, baseline, hf_target, kind, 
             assert out.text == base.text and out.finish_reason == base.finish_reason
     assert ties <= 1
     assert engine.stats.drafted > 0  # speculation really happened
-    assert engine.target.runner.cache.occupied == 0  # every slot freed
+    if draft in ("draft_noisy", "target"):  # acceptance was exercised: whole drafts and partial ones
+        assert engine.stats.accepted > 0
+    assert engine.target.backend.cache.occupied == 0  # every slot freed
 
 
 def test_adaptive_k_stays_exact(make_engine, baseline):

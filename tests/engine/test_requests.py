@@ -4,7 +4,7 @@ import pytest
 
 from cluster.config import DrafterConfig
 from cluster.drafters.base import Drafter
-from cluster.drafters.registry import build_drafter
+from cluster.core.messages import Proposal
 from cluster.engine import SpecEngine
 from cluster.types import FinalDelta
 from cluster.errors import EngineOverloadedError, InvalidRequestError, UnknownDrafterError
@@ -48,7 +48,7 @@ def test_bad_input_raises_typed_error_and_engine_stays_usable(engine, prompt, pa
 
 def test_unknown_drafter_kind():
     with pytest.raises(UnknownDrafterError, match="medusa"):
-        build_drafter(DrafterConfig(kind="medusa"), 1, 16, 100)
+        DrafterConfig.from_data({"kind": "medusa"}, "drafter")
 
 
 def test_overload_is_typed(make_engine):
@@ -67,10 +67,11 @@ def test_batch_larger_than_the_queue_is_rejected_whole(make_engine):
     assert len(engine.generate([PROMPT] * 2, SamplingParams(max_tokens=2))) == 2
 
 
-def test_generation_stops_at_context_end(engine):
-    out = engine.generate([PROMPT], SamplingParams(max_tokens=100))[0]
-    assert out.finish_reason in ("length", "eos")
-    assert out.prompt_tokens + len(out.token_ids) <= engine.max_model_len
+def test_generation_stops_exactly_at_context_end(engine):
+    no_eos = tuple((e, -100.0) for e in engine.eos_ids)
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=100, logit_bias=no_eos))[0]
+    assert out.finish_reason == "length"
+    assert out.prompt_tokens + len(out.token_ids) == engine.max_model_len
 
 
 def test_stream_deltas_add_up_to_final_output(engine):
@@ -82,23 +83,60 @@ def test_stream_deltas_add_up_to_final_output(engine):
     assert len(deltas) > 1
 
 
-def test_stop_string_truncates_text_and_stream(engine):
-    full = engine.generate([PROMPT], SamplingParams(max_tokens=30))[0].text
-    stop = full[5:8]
-    assert stop and stop in full
-    out = engine.generate([PROMPT], SamplingParams(max_tokens=30, stop=(stop,)))[0]
-    assert out.finish_reason == "stop"
-    assert out.text == full[: full.index(stop)]
-    streamed = "".join(d.text for d in engine.stream(PROMPT, SamplingParams(max_tokens=30, stop=(stop,))))
+@pytest.fixture(scope="module")
+def self_draft(make_engine):
+    """Draft = target, K = 4: the first verify pass accepts all 4 drafts (output tokens 1..4) plus a bonus."""
+    return make_engine("model", k=4, draft="target", max_model_len=128, max_tokens=100)
+
+
+def _boundaries(engine, tokens) -> list[int]:
+    """Character offset where each output token's text ends."""
+    return [len(engine.tokenizer.decode(tokens[:i])) for i in range(len(tokens) + 1)]
+
+
+def test_stop_string_completing_inside_an_accepted_draft(self_draft):
+    full = self_draft.generate([PROMPT], SamplingParams(max_tokens=30))[0]
+    ends = _boundaries(self_draft, full.token_ids)
+    start = next(i for i in range(1, 4) if ends[i] < ends[i + 1])
+    stop = full.text[ends[start]:ends[4]]  # completes with output token 3, mid-pass
+    assert full.text.find(stop) == ends[start]
+    steps = self_draft.stats.steps
+    out = self_draft.generate([PROMPT], SamplingParams(max_tokens=30, stop=(stop,)))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[: ends[start]]
+    assert out.token_ids == full.token_ids[:4]  # the rest of the accepted draft and the bonus are dropped
+    assert self_draft.stats.steps - steps == 1  # found inside the first verify pass, which ended the request
+    streamed = "".join(d.text for d in self_draft.stream(PROMPT, SamplingParams(max_tokens=30, stop=(stop,))))
     assert streamed == out.text  # a held-back partial stop string is never streamed
+
+
+def test_several_stop_strings_and_a_long_one(self_draft):
+    full = self_draft.generate([PROMPT], SamplingParams(max_tokens=60))[0].text
+    a, b = full[20:24], full[9:12]
+    assert full.find(b) < full.find(a)
+    out = self_draft.generate([PROMPT], SamplingParams(max_tokens=60, stop=(a, b)))[0]
+    assert out.text == full[: full.find(b)]  # the earliest wins, whatever the order given
+    long = full[10:10 + 80]
+    assert len(long) == 80 and full.find(long) == 10
+    assert self_draft.generate([PROMPT], SamplingParams(max_tokens=60, stop=(long,)))[0].text == full[:10]
+
+
+def test_eos_inside_an_accepted_draft_ends_the_request(self_draft):
+    """EOS biased up and held off for 3 tokens: the draft proposes it at draft position 3, the target
+    accepts it inside the pass, and the tokens after it are dropped."""
+    eos = sorted(self_draft.eos_ids)
+    params = SamplingParams(max_tokens=30, min_tokens=3, logit_bias=tuple((e, 30.0) for e in eos))
+    steps = self_draft.stats.steps
+    out = self_draft.generate([PROMPT], params)[0]
+    assert out.finish_reason == "eos" and len(out.token_ids) == 4 and out.token_ids[-1] in eos
+    assert self_draft.stats.steps - steps == 1
 
 
 def test_closing_a_stream_cancels_and_frees_caches(engine):
     stream = engine.stream(PROMPT, SamplingParams(max_tokens=50))
     next(stream)
-    assert engine.target.runner.cache.occupied == 1
+    assert engine.target.backend.cache.occupied == 1
     stream.close()
-    assert engine.target.runner.cache.occupied == 0 and engine.drafter.num_sequences == 0
+    assert engine.target.backend.cache.occupied == 0 and engine.drafter.num_sequences == 0
     assert not engine.has_unfinished()
 
 
@@ -108,7 +146,7 @@ def test_abort_waiting_and_running(engine):
     b = engine.add_request(PROMPT, SamplingParams(max_tokens=50))
     assert engine.abort(b) and engine.abort(a)
     assert not engine.abort("no-such-request")
-    assert engine.target.runner.cache.occupied == 0 and not engine.has_unfinished()
+    assert engine.target.backend.cache.occupied == 0 and not engine.has_unfinished()
 
 
 class _FlakyDrafter(Drafter):
@@ -121,17 +159,16 @@ class _FlakyDrafter(Drafter):
         self.calls += 1
         if self.calls > self.fail_after:
             raise RuntimeError("draft worker died")
-        from cluster.drafters.base import DraftProposal
-
-        return DraftProposal([[7] * r.k for r in batch])
+        return [Proposal.chain([7] * r.budget) for r in batch]
 
 
 def test_failing_drafter_falls_back_to_exact_target_only(make_engine, caplog):
     base = make_engine("ngram", k=0)
     expected = base.generate([PROMPT, "import os\n"], SamplingParams(max_tokens=24))
     flaky = make_engine("ngram", k=4)
-    flaky = SpecEngine(flaky.config, model=flaky.target.runner.model, tokenizer=flaky.tokenizer, drafter=_FlakyDrafter(2))
+    flaky = SpecEngine(flaky.config, model=flaky.target.backend.model, tokenizer=flaky.tokenizer, drafter=_FlakyDrafter(2))
     outputs = flaky.generate([PROMPT, "import os\n"], SamplingParams(max_tokens=24))
     assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
-    assert flaky.drafter is None  # disabled after repeated failures: target-only from then on
-    assert "drafter failed" in caplog.text
+    assert not flaky.drafting  # disabled after repeated failures: target-only from then on
+    assert flaky.metrics.value("specdec_drafting_enabled") == 0 and flaky.metrics.value("specdec_draft_failures_total") > 0
+    assert "drafting disabled" in caplog.text

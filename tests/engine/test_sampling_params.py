@@ -54,14 +54,14 @@ def test_greedy_with_adjustments_equals_reference(spec, self_draft, make_engine,
 
 
 def test_min_tokens_holds_off_eos(spec, hf_target):
+    """EOS biased up so the target wants to stop at once: min_tokens holds it off exactly that long."""
     eos = sorted(spec.eos_ids)
-    short = [(p, o) for p, o in zip(PROMPTS, spec.generate(PROMPTS, SamplingParams(max_tokens=40)))
-             if o.finish_reason == "eos"]
-    assert short, "the tiny target ends some of these prompts with EOS"
-    for prompt, out in short:
-        params = SamplingParams(max_tokens=40, min_tokens=len(out.token_ids) + 5)
+    bias = tuple((e, 30.0) for e in eos)
+    for prompt in PROMPTS:
+        assert spec.generate([prompt], SamplingParams(max_tokens=40, logit_bias=bias))[0].token_ids[0] in eos
+        params = SamplingParams(max_tokens=40, min_tokens=6, logit_bias=bias)
         got = spec.generate([prompt], params)[0]
-        assert len(got.token_ids) >= params.min_tokens and not set(got.token_ids[: params.min_tokens]) & set(eos)
+        assert got.finish_reason == "eos" and len(got.token_ids) == 7 and not set(got.token_ids[:6]) & set(eos)
         assert got.token_ids == reference_greedy(hf_target, spec.tokenizer.encode(prompt), 40, params, eos)
 
 

@@ -51,14 +51,46 @@ def test_every_manifest_parses_and_kustomization_lists_them():
     assert all("kind" in d and "apiVersion" in d for d in _docs())
 
 
-def test_rayservice_matches_the_kuberay_crd_schema(rayservice):
+def strict(schema):
+    """The CRD schema as `kubectl apply` enforces it (strict field validation, the default): an object
+    with declared properties takes no others, unless it preserves unknown fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_schema():
     schema = json.loads((K8S / "crd" / "rayservice-v1-schema.json").read_text())
     assert "v1.7.0" in schema["source"]
-    jsonschema.validate(rayservice, schema["openAPIV3Schema"])
+    return strict(schema["openAPIV3Schema"])
+
+
+def test_rayservice_matches_the_kuberay_crd_schema(rayservice, crd_schema):
+    jsonschema.validate(rayservice, crd_schema)
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda m: m["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].__setitem__("minReplicas", "one"),
+    lambda m: m["spec"]["rayClusterConfig"]["headGroupSpec"].__setitem__(
+        "rayStartParamz", m["spec"]["rayClusterConfig"]["headGroupSpec"].pop("rayStartParams")),
+    lambda m: m["spec"].__setitem__("bogus", 1),
+    lambda m: m["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"].__setitem__("nodeSelektor", {}),
+    lambda m: m["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].__setitem__(
+        "imagePullPolicyy", "Always"),
+], ids=["wrong-type", "misspelled-rayStartParams", "unknown-spec-key", "misspelled-nodeSelector",
+        "misspelled-container-field"])
+def test_the_schema_rejects_what_kubectl_would(rayservice, crd_schema, break_it):
     broken = json.loads(json.dumps(rayservice))
-    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] = "one"
-    with pytest.raises(jsonschema.ValidationError):  # the schema really constrains the file
-        jsonschema.validate(broken, schema["openAPIV3Schema"])
+    break_it(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, crd_schema)
 
 
 def test_draft_and_target_groups_offer_what_the_pools_ask_for(rayservice, serve_config):

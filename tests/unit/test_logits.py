@@ -1,7 +1,9 @@
+import numpy as np
 import torch
 from scipy.stats import chisquare
 
 from cluster.sampling.logits import SamplingTensors, process_logits, sample_from
+from tests.stats import processed
 
 
 def _params(b, t=1.0, k=0, p=1.0):
@@ -40,17 +42,17 @@ def test_top_p_always_keeps_the_top_token():
 
 
 def test_per_row_parameters_in_one_batch_over_positions():
-    logits = torch.randn(3, 4, 6)  # [B, positions, V]
-    t = torch.tensor([0.0, 1.0, 2.0])
-    k = torch.tensor([0, 2, 0])
-    p = torch.tensor([1.0, 1.0, 0.5])
+    """Each row against an independent numpy implementation (tests/stats.py), in one batch."""
+    logits = torch.randn(4, 3, 9, generator=torch.Generator().manual_seed(0))  # [B, positions, V]
+    rows = [(0.0, 0, 1.0), (1.0, 2, 1.0), (2.0, 0, 0.5), (0.7, 4, 0.8)]  # greedy, top-k, top-p, both
+    t, k, p = (torch.tensor([r[i] for r in rows]) for i in range(3))
     out = process_logits(logits, SamplingTensors.make(t, k, p))
-    for row in range(3):
-        alone = process_logits(logits[row : row + 1], SamplingTensors.make(t[row : row + 1], k[row : row + 1],
-                                                                            p[row : row + 1]))
-        assert torch.allclose(out[row], alone[0])
-    assert ((out[0] > 0).sum(-1) == 1).all()
-    assert ((out[1] > 0).sum(-1) == 2).all()
+    for row, (temperature, top_k, top_p) in enumerate(rows):
+        if temperature == 0:
+            expected = torch.zeros(3, 9).scatter_(-1, logits[row].argmax(-1, keepdim=True), 1.0).numpy()
+        else:
+            expected = processed(logits[row].numpy(), temperature, top_k, top_p)
+        assert np.allclose(out[row].numpy(), expected, atol=1e-6), row
 
 
 def test_sample_from_matches_distribution():

@@ -1,6 +1,5 @@
 """N-gram lookup, stop strings, adaptive K: small pure functions."""
 
-from cluster.adaptive_k import fit_budget, next_k
 from cluster.drafters.base import DraftRequest
 from cluster.drafters.ngram import NgramDrafter, lookup_continuation
 from cluster.text import find_stop, holdback
@@ -8,11 +7,15 @@ from cluster.types import SamplingParams
 
 
 def test_lookup_continues_latest_match_of_longest_suffix():
-    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
-    # suffix [2, 3] occurs at 1 and 5; latest is 5 -> continue with 7, 8, 5
-    assert lookup_continuation(tokens, 3, 1, 4) == [7, 8, 5]
-    # longer suffix [5, 2, 3] has no earlier match, so the 2-gram decides
-    assert lookup_continuation(tokens, 10, 3, 4) == []
+    # Suffix [5, 2, 3]: the 3-gram occurs once (continues 9), its 2-gram [2, 3] last occurs later
+    # (continues 7) and its 1-gram [3] later still (continues 8). Longest first must give 9.
+    tokens = [5, 2, 3, 9, 9, 1, 2, 3, 7, 4, 3, 8, 5, 2, 3]
+    assert lookup_continuation(tokens, 2, 1, 4) == [9, 9]
+    assert lookup_continuation(tokens, 2, 1, 2) == [7, 4]  # capped at 2-grams: the latest 2-gram match
+    assert lookup_continuation(tokens, 2, 1, 1) == [8, 5]  # 1-grams only: the latest [3]
+    assert lookup_continuation(tokens, 2, 4, 4) == []  # no earlier [3, 5, 2, 3]
+    # Of several matches of the same n-gram, the latest wins.
+    assert lookup_continuation([1, 2, 7, 1, 2, 8, 1, 2], 1, 2, 2) == [8]
 
 
 def test_lookup_truncates_at_end_and_handles_short_sequences():
@@ -20,11 +23,12 @@ def test_lookup_truncates_at_end_and_handles_short_sequences():
     assert lookup_continuation([4], 5, 1, 3) == []
 
 
-def test_ngram_drafter_batch_has_no_probs():
+def test_ngram_drafter_proposes_chains_without_q():
     drafter = NgramDrafter(1, 3)
     p = SamplingParams()
-    proposal = drafter.propose([DraftRequest("a", [1, 2, 1], 2, p), DraftRequest("b", [7, 8], 2, p)])
-    assert proposal.tokens == [[2, 1], []] and proposal.q(0) is None and proposal.q(1) is None
+    proposals = drafter.propose([DraftRequest("a", [1, 2, 1], 2, p), DraftRequest("b", [7, 8], 2, p)])
+    assert [x.tokens for x in proposals] == [[2, 1], []]
+    assert all(x.is_chain and x.q is None for x in proposals)
 
 
 def test_find_stop_and_holdback():
@@ -33,19 +37,3 @@ def test_find_stop_and_holdback():
     assert holdback("abc\n#", ("\n##",)) == 2  # "\n#" may begin the stop string
     assert holdback("abc", ("\n##",)) == 0
     assert holdback("caf\ufffd", ()) == 1  # unfinished multi-byte character
-
-
-def test_adaptive_k():
-    assert next_k(4, 4, 4, 1, 8) == 6
-    assert next_k(7, 7, 7, 1, 8) == 8
-    assert next_k(4, 4, 1, 1, 8) == 3
-    assert next_k(1, 1, 0, 1, 8) == 1
-    assert next_k(4, 0, 0, 1, 8) == 4  # nothing proposed: no evidence
-
-
-def test_fit_budget_takes_from_the_longest():
-    assert fit_budget([4, 4, 1], 0) == [4, 4, 1]  # unlimited
-    assert fit_budget([4, 4, 1], 12) == [4, 4, 1]  # 3 pending + 9 drafts fit
-    assert fit_budget([6, 2, 1], 9) == [3, 2, 1]  # 3 pending + 6 drafts
-    assert fit_budget([3] * 4, 12) == [2] * 4
-    assert fit_budget([3] * 16, 12) == [0] * 16  # plain decoding already fills the pass

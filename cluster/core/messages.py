@@ -1,0 +1,133 @@
+"""What crosses workers each step: a StepPlan out, Proposals from drafters, Verdicts from targets.
+
+A Proposal is a token tree rooted at the request's pending token (the last emitted one, not yet in the
+target's cache). Node i carries tokens[i] and hangs under parents[i] (-1: the root); parents come before
+children. A chain (parents = [-1, 0, 1, ...]) is the simplest tree and takes the fast path everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.types import SamplingParams, TokenLogprob
+
+
+@dataclass
+class Proposal:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    q: object = None  # [n, V] tensor: each node's processed draft distribution (rejection rule only)
+
+    @staticmethod
+    def chain(tokens: list[int], q=None) -> Proposal:
+        return Proposal(list(tokens), list(range(-1, len(tokens) - 1)), q)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == list(range(-1, len(self.tokens) - 1))
+
+    def depths(self) -> list[int]:
+        """Depth of each node: 1 for children of the root."""
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    def children(self) -> list[list[int]]:
+        """children()[i + 1] lists node i's children; children()[0] the root's."""
+        out: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
+        for i, p in enumerate(self.parents):
+            out[p + 1].append(i)
+        return out
+
+    def truncated(self, budget: int) -> Proposal:
+        """The first `budget` nodes (a valid tree: parents come first)."""
+        if budget >= len(self.tokens):
+            return self
+        q = None if self.q is None else self.q[:budget]
+        return Proposal(self.tokens[:budget], self.parents[:budget], q)
+
+    def validate(self, vocab: int) -> None:
+        if len(self.parents) != len(self.tokens):
+            raise ValueError("proposal: tokens and parents differ in length")
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            if not -1 <= p < i:
+                raise ValueError(f"proposal: node {i} has parent {p} (parents must come first)")
+            if not 0 <= t < vocab:
+                raise ValueError(f"proposal: token {t} outside the vocabulary")
+
+    def path_tokens(self, path: list[int]) -> list[int]:
+        return [self.tokens[i] for i in path]
+
+
+@dataclass
+class Verdict:
+    """One request's verify pass: the accepted path (node indices, root to leaf), then the target's next
+    token. Emitted = tokens along the path + [token]."""
+
+    path: list[int]
+    token: int
+    logprobs: list[TokenLogprob] | None = None
+    hidden: object = None  # [len(path) + 1, H] target hidden states at the emitted positions, when asked
+
+    @property
+    def accepted(self) -> int:
+        return len(self.path)
+
+
+@dataclass
+class Prefill:
+    """Admit a request to a target worker: cache its tokens and emit its first token (unless resuming)."""
+
+    seq_id: str
+    target: str
+    tokens: list[int]
+    num_prompt: int
+    params: SamplingParams
+    seed: int
+    resume: bool = False  # after a failover: tokens[-1] was already emitted; cache the rest, emit nothing
+
+
+@dataclass
+class DraftTask:
+    """Ask a draft worker for up to `budget` nodes for a request. The worker keeps each request's tokens;
+    `new_tokens` (from position `start`) brings it up to date."""
+
+    seq_id: str
+    drafter: str
+    start: int
+    new_tokens: list[int]
+    budget: int
+    params: SamplingParams
+    seed: int
+    num_prompt: int
+    now: bool = True  # needed by this step's verify (False: drafted for the next step, beside it)
+    last_accepted: int | None = None  # how much of this request's previous proposal was accepted
+
+
+@dataclass
+class VerifyTask:
+    """Verify a request's proposal on its target worker. proposal None: use the one drafted this step."""
+
+    seq_id: str
+    target: str
+    proposal: Proposal | None = None
+    want_hidden: bool = False
+
+
+@dataclass
+class StepPlan:
+    admit: list[Prefill] = field(default_factory=list)
+    draft: list[DraftTask] = field(default_factory=list)
+    verify: list[VerifyTask] = field(default_factory=list)
+    pipelined: bool = False  # some drafts are for the other group (next step), made while this one verifies
+    predicted_s: float = 0.0  # the cost model's prediction for this step
+    predicted_verify_s: float = 0.0  # its parts, as the cost curves see them (prefill included in verify)
+    predicted_draft_s: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.admit or self.draft or self.verify)

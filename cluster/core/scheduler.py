@@ -1,0 +1,170 @@
+"""The scheduler (pure: no torch, no Ray): which requests are admitted where, which are verified this
+step, and how much each one drafts.
+
+Requests live here: a waiting queue and a running list. Workers are known by stable ids with a number of
+slots; how loaded a worker is comes from the running requests pinned to it (never a separate count).
+One `schedule()` call returns a StepPlan:
+  1. admit waiting requests (and those moved off a dead worker) to the least-loaded live target;
+  2. choose draft budgets with the cost model (or fixed K), bounded by what each request may still emit;
+  3. where drafts can run beside verification (separate draft workers) and the cost model predicts it
+     pays, verify the requests that already hold a proposal while the others draft for the next step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.core.cost_model import CostModel, expected_tokens
+from cluster.core.messages import DraftTask, Prefill, StepPlan, VerifyTask
+
+
+@dataclass
+class SchedulerConfig:
+    k: int  # fixed draft length, and the prior budget of new requests; 0: target-only decoding
+    k_max: int
+    adaptive: bool  # budgets from the cost model (False: always k)
+    max_model_len: int
+    prior_acceptance: float = 0.5
+    want_hidden: bool = False  # drafters that read the target's hidden states (parallel heads)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cost: CostModel | None = None, overlaps: bool = False):
+        self.config = config
+        self.cost = cost
+        self.overlaps = overlaps  # drafting runs on other workers, concurrently with verification
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.targets: dict[str, int] = {}  # live target workers: id -> slots
+        self.drafters: dict[str, int] = {}  # live draft workers: id -> slots
+        self.acceptance_prior = config.prior_acceptance
+
+    # --- workers -----------------------------------------------------------------------------------
+    def load(self, worker: str) -> int:
+        """Requests pinned to a worker, derived from the running list."""
+        return sum(1 for s in self.running if s.target == worker or s.drafter == worker)
+
+    def worker_lost(self, worker: str) -> list:
+        """A worker died: forget it; return the requests that were pinned to it (target: they will be
+        re-prefilled elsewhere; draft: they draft elsewhere from the next step)."""
+        self.targets.pop(worker, None)
+        self.drafters.pop(worker, None)
+        moved = []
+        for seq in self.running:
+            if seq.target == worker:
+                seq.target, seq.ready, seq.resume, seq.proposal = None, False, True, None
+                moved.append(seq)
+            if seq.drafter == worker:
+                seq.drafter, seq.draft_synced, seq.proposal = None, 0, None
+                moved.append(seq)
+        return moved
+
+    def _least_loaded(self, pool: dict[str, int]) -> str | None:
+        best, best_load = None, None
+        for worker, slots in pool.items():
+            load = self.load(worker)
+            if load < slots and (best_load is None or load < best_load):
+                best, best_load = worker, load
+        return best
+
+    # --- the plan ----------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        self._admit(plan)
+        self._assign_drafters()
+        decode = [s for s in self.running if s.ready and not s.finish_reason]
+        if not decode:
+            plan.predicted_s = self._predict(plan, [], {})
+            return plan
+        caps = [self.cap(s) for s in decode]
+        if self.config.k == 0 or not self.drafters:
+            ks = [0] * len(decode)
+        elif not self.config.adaptive or self.cost is None:
+            ks = [min(self.config.k, c) for c in caps]
+        else:
+            alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
+            ks = self.cost.choose(alphas, caps).ks
+        budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
+        held = [s for s in decode if s.proposal is not None]
+        fresh = [s for s in decode if s.proposal is None]
+        if self.overlaps and self._pipeline_pays(decode, held, fresh, budgets):
+            group = held or fresh[: (len(fresh) + 1) // 2]
+            later = [s for s in decode if s not in group]
+            self._verify(plan, group, budgets, now=[s for s in group if s.proposal is None])
+            plan.draft += [self._draft_task(s, budgets[s.request_id], now=False) for s in later
+                           if budgets[s.request_id] > 0]
+            plan.pipelined = True
+        else:
+            self._verify(plan, decode, budgets, now=fresh)
+        plan.predicted_s = self._predict(plan, decode, budgets)
+        return plan
+
+    def cap(self, seq) -> int:
+        """Never draft past what the request may still emit, nor past the context."""
+        remaining = seq.params.max_tokens - len(seq.output_ids) - 1
+        room = self.config.max_model_len - len(seq.tokens) - 1
+        return max(0, min(self.config.k_max, remaining, room))
+
+    def _admit(self, plan: StepPlan) -> None:
+        resumed = [s for s in self.running if s.resume and s.target is None]
+        for seq in resumed:  # requests moved off a dead target first
+            seq.target = self._least_loaded(self.targets)
+            if seq.target is None:
+                return
+            plan.admit.append(Prefill(seq.request_id, seq.target, list(seq.tokens), seq.num_prompt, seq.params,
+                                      seq.seed, resume=True))
+        while self.waiting:
+            target = self._least_loaded(self.targets)
+            if target is None:
+                break
+            seq = self.waiting.popleft()
+            seq.target = target
+            self.running.append(seq)  # from here on it counts in its target's load
+            plan.admit.append(Prefill(seq.request_id, target, list(seq.tokens), seq.num_prompt, seq.params, seq.seed))
+
+    def _assign_drafters(self) -> None:
+        if self.config.k == 0:
+            return
+        for seq in self.running:
+            if seq.drafter is None and self.drafters:
+                seq.drafter = self._least_loaded(self.drafters)
+
+    def _draft_task(self, seq, budget: int, now: bool) -> DraftTask:
+        return DraftTask(seq.request_id, seq.drafter, seq.draft_synced, seq.tokens[seq.draft_synced:], budget,
+                         seq.params, seq.seed, seq.num_prompt, now, seq.last_accepted)
+
+    def _verify(self, plan: StepPlan, group: list, budgets: dict, now: list) -> None:
+        plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]
+        plan.verify += [VerifyTask(s.request_id, s.target, s.proposal, self.config.want_hidden) for s in group]
+
+    def _pipeline_pays(self, decode: list, held: list, fresh: list, budgets: dict) -> bool:
+        """Pipelined, in steady state: one half verifies while the other drafts on its own workers, so a
+        step costs max(verify one half, draft the other) for half the tokens; unpipelined, a step costs
+        draft + verify of everyone. The predicted throughputs decide (the first split step costs a
+        little more; steady state is what pipelining is for)."""
+        if self.cost is None or len(decode) < 2 or not any(budgets.values()):
+            return False
+        ks = [budgets[s.request_id] for s in decode]
+        alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
+        flat_time, _, _ = self.cost.step_seconds(ks)
+        flat_tokens = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
+        half = len(decode) // 2
+        _, verify, _ = self.cost.step_seconds(ks[:half])
+        piped_time = self.cost.timer.predict(max(verify, self.cost.draft_seconds(ks[half:])), 0.0)
+        piped_tokens = sum(expected_tokens(a, k) for a, k in zip(alphas[:half], ks[:half]))
+        return piped_time > 0 and flat_time > 0 and piped_tokens / piped_time > flat_tokens / flat_time
+
+    def _predict(self, plan: StepPlan, decode: list, budgets: dict) -> float:
+        if self.cost is None:
+            return 0.0
+        verified = {v.seq_id for v in plan.verify}
+        ks = [len(s.proposal) if s.proposal is not None else budgets[s.request_id] for s in decode
+              if s.request_id in verified]
+        verify = self.cost.verify(len(ks), len(ks) + sum(ks)) if ks else 0.0
+        if plan.admit:  # a prefill is a pass over the prompts
+            verify += self.cost.verify(len(plan.admit), sum(len(a.tokens) for a in plan.admit))
+        now = self.cost.draft_seconds([t.budget for t in plan.draft if t.now])
+        later = self.cost.draft_seconds([t.budget for t in plan.draft if not t.now])
+        plan.predicted_verify_s, plan.predicted_draft_s = verify, (max(later - verify, 0.0) + now)
+        return self.cost.timer.predict(verify, plan.predicted_draft_s)

@@ -1,0 +1,52 @@
+"""What an executor returns for one StepPlan, and the checks both executors share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.core.messages import DraftTask, Proposal, StepPlan, VerifyTask
+
+
+@dataclass
+class StepResult:
+    prefilled: dict = field(default_factory=dict)  # seq_id -> Emitted | Failure
+    proposals: dict = field(default_factory=dict)  # seq_id -> Proposal drafted this step (valid, or empty)
+    draft_failed: set = field(default_factory=set)  # seq_ids whose drafting failed (their worker resyncs them)
+    verdicts: dict = field(default_factory=dict)  # seq_id -> Verdict | Failure
+    dead_workers: list = field(default_factory=list)  # worker ids that died during the step
+    lost: set = field(default_factory=set)  # seq_ids whose results were lost with a dead worker
+    draft_calls: list = field(default_factory=list)  # (steps, nodes, seconds) per draft call: for the cost model
+    verify_s: float = 0.0  # longest target compute in the step
+    draft_s: float = 0.0  # draft compute the verify waited for
+    prefill_s: float = 0.0
+
+
+def clean(proposal: Proposal, vocab: int) -> Proposal | None:
+    """A proposal the target can verify, or None: a malformed draft is a drafter failure, never a
+    request failure."""
+    try:
+        proposal.validate(vocab)
+    except ValueError:
+        return None
+    return proposal
+
+
+def call_shape(tasks: list[DraftTask]) -> tuple[int, int]:
+    """(sequential steps, nodes) of a draft call, as the cost model counts them."""
+    return max((t.budget for t in tasks), default=0), sum(t.budget for t in tasks)
+
+
+def by_worker(items: list, attr: str) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(getattr(item, attr), []).append(item)
+    return groups
+
+
+def resolve_verify(plan: StepPlan, proposals: dict) -> list[VerifyTask]:
+    """Verify tasks with their proposals: held ones as planned, fresh ones from this step's drafts."""
+    out = []
+    for task in plan.verify:
+        proposal = task.proposal if task.proposal is not None else proposals.get(task.seq_id, Proposal())
+        out.append(VerifyTask(task.seq_id, task.target, proposal, task.want_hidden))
+    return out

@@ -1,0 +1,202 @@
+"""Runs a StepPlan on Ray actors: target workers and draft workers in pools with stable ids.
+
+Drafts planned for the next step (`now` False) are launched beside this step's verification and may
+still be running when the step ends: the next step waits for them only if it needs them. Per-step
+calls go straight to actors (never through Serve handles) and carry token ids (plus q under the
+rejection rule). A dead actor is replaced under a new id; the engine moves its requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from cluster.core.messages import StepPlan
+from cluster.executors.base import StepResult, by_worker, call_shape, clean, resolve_verify
+from cluster.workers.isolation import Failure
+
+log = logging.getLogger(__name__)
+
+
+class ActorPool:
+    """Actors of one kind under stable ids ("target-0", ...). A replacement gets a new id; an actor is
+    offered to the scheduler once it answers a ping."""
+
+    def __init__(self, prefix: str, start, size: int):
+        self.prefix, self._start, self._next = prefix, start, 0
+        self.handles: dict[str, object] = {}
+        self._probes: dict[str, object] = {}
+        self.restarts = 0
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> str:
+        worker = f"{self.prefix}-{self._next}"
+        self._next += 1
+        self.handles[worker] = self._start()
+        self._probes[worker] = self.handles[worker].ping.remote()  # model loading ends when ping answers
+        return worker
+
+    def ready(self) -> list[str]:
+        if self._probes:
+            done, _ = ray.wait(list(self._probes.values()), num_returns=len(self._probes), timeout=0)
+            for worker, probe in list(self._probes.items()):
+                if probe in done:
+                    try:
+                        ray.get(probe)
+                        del self._probes[worker]
+                    except RayError:
+                        log.error("%s failed to start; replacing it", worker)
+                        self.replace(worker)
+        return [w for w in self.handles if w not in self._probes]
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._probes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{sorted(self._probes)} did not become ready in {timeout:.0f}s")
+            ray.wait(list(self._probes.values()), num_returns=len(self._probes), timeout=1.0)
+            self.ready()
+
+    def replace(self, worker: str) -> str:
+        """Start a fresh actor under a new id; the dead one's id is gone for good."""
+        log.warning("replacing %s", worker)
+        handle = self.handles.pop(worker, None)
+        self._probes.pop(worker, None)
+        if handle is not None:
+            try:
+                ray.kill(handle)
+            except Exception:  # already gone
+                pass
+        self.restarts += 1
+        return self._spawn()
+
+    def shutdown(self) -> None:
+        for handle in self.handles.values():
+            ray.kill(handle)
+        self.handles.clear()
+
+
+class RayExecutor:
+    overlaps = True  # drafts run on draft actors, beside verification on target actors
+
+    def __init__(self, targets: ActorPool, drafters: ActorPool | None, slots: int, vocab: int,
+                 draft_timeout_s: float):
+        self.targets, self.drafters = targets, drafters
+        self.slots, self.vocab, self.draft_timeout_s = slots, vocab, draft_timeout_s
+        self._in_flight: dict[str, tuple] = {}  # worker -> (tasks, ref) of drafts for the next step
+
+    def capacities(self) -> tuple[dict[str, int], dict[str, int]]:
+        targets = {w: self.slots for w in self.targets.ready()}
+        drafters = {w: self.slots for w in self.drafters.ready()} if self.drafters is not None else {}
+        return targets, drafters
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = StepResult()
+        start = time.perf_counter()
+        prefill = {w: (items, self.targets.handles[w].prefill.remote(items))
+                   for w, items in by_worker(plan.admit, "target").items() if w in self.targets.handles}
+        now = {w: (tasks, self.drafters.handles[w].propose.remote(tasks))
+               for w, tasks in by_worker([t for t in plan.draft if t.now], "drafter").items()
+               if w in self.drafters.handles}
+        later = {w: (tasks, self.drafters.handles[w].propose.remote(tasks))
+                 for w, tasks in by_worker([t for t in plan.draft if not t.now], "drafter").items()
+                 if w in self.drafters.handles}
+        needed = {t.seq_id for t in plan.verify if t.proposal is None}
+        self._collect_drafts(result, {w: c for w, c in self._in_flight.items()
+                                      if any(t.seq_id in needed for t in c[0])}, wait=True)
+        self._in_flight = {w: c for w, c in self._in_flight.items() if not any(t.seq_id in needed for t in c[0])}
+        draft_start = time.perf_counter()
+        self._collect_drafts(result, now, wait=True)
+        result.draft_s = time.perf_counter() - draft_start
+        verify = {w: (tasks, self.targets.handles[w].verify_timed.remote(tasks))
+                  for w, tasks in by_worker(resolve_verify(plan, result.proposals), "target").items()
+                  if w in self.targets.handles}
+        for worker, (items, ref) in prefill.items():
+            try:
+                for item, r in zip(items, ray.get(ref)):
+                    result.prefilled[item.seq_id] = r
+            except RayActorError:
+                self._lost(result, worker, [i.seq_id for i in items])
+        result.prefill_s = time.perf_counter() - start
+        for worker, (tasks, ref) in verify.items():
+            try:
+                verdicts, busy = ray.get(ref)
+                result.verify_s = max(result.verify_s, busy)
+                for task, v in zip(tasks, verdicts):
+                    result.verdicts[task.seq_id] = v
+            except RayActorError:
+                self._lost(result, worker, [t.seq_id for t in tasks])
+            except RayError as error:  # a bug in the worker beyond its own isolation: these fail alone
+                log.error("verify call on %s failed: %s", worker, type(error).__name__)
+                for task in tasks:
+                    result.verdicts[task.seq_id] = Failure(f"{type(error).__name__} in the worker")
+        self._in_flight.update(later)
+        self._collect_drafts(result, dict(self._in_flight), wait=False)  # whatever finished beside the verify
+        self._in_flight = {w: c for w, c in self._in_flight.items()
+                           if not all(t.seq_id in result.proposals or t.seq_id in result.draft_failed for t in c[0])}
+        return result
+
+    def pending_drafts(self) -> set[str]:
+        """Requests whose next-step drafts are still running."""
+        return {t.seq_id for tasks, _ in self._in_flight.values() for t in tasks}
+
+    def _collect_drafts(self, result: StepResult, calls: dict, wait: bool) -> None:
+        if not calls:
+            return
+        refs = [ref for _, ref in calls.values()]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.draft_timeout_s if wait else 0)
+        for worker, (tasks, ref) in calls.items():
+            if ref not in done:
+                if wait:  # too late for this step: go without; the worker may be out of step, so resend all
+                    log.warning("drafts from %s are late; verifying without them", worker)
+                    result.draft_failed.update(t.seq_id for t in tasks)
+                continue
+            try:
+                drafted = ray.get(ref)
+            except RayActorError:
+                self._lost(result, worker, [])
+                result.draft_failed.update(t.seq_id for t in tasks)
+                continue
+            except RayError:
+                result.draft_failed.update(t.seq_id for t in tasks)
+                continue
+            result.draft_calls.append((*call_shape(tasks), drafted.compute_s))
+            for task, proposal in zip(tasks, drafted.proposals):
+                proposal = clean(proposal, self.vocab)
+                if proposal is None or task.seq_id in drafted.failed:
+                    result.draft_failed.add(task.seq_id)
+                else:
+                    result.proposals[task.seq_id] = proposal
+
+    def _lost(self, result: StepResult, worker: str, seq_ids: list[str]) -> None:
+        if worker not in result.dead_workers:
+            log.error("%s died; replacing it", worker)
+            result.dead_workers.append(worker)
+            pool = self.targets if worker in self.targets.handles else self.drafters
+            pool.replace(worker)
+            self._in_flight.pop(worker, None)
+        result.lost.update(seq_ids)
+
+    def release(self, seq_id: str, target: str | None, drafter: str | None) -> None:
+        if target in self.targets.handles:
+            self.targets.handles[target].release.remote([seq_id])
+        if self.drafters is not None and drafter in self.drafters.handles:
+            self.drafters.handles[drafter].release.remote([seq_id])
+
+    def target_busy_s(self) -> float:
+        return sum(load["busy_s"] for load in ray.get([h.load.remote() for h in self.targets.handles.values()]))
+
+    def loads(self) -> dict[str, list[dict]]:
+        loads = {"target": ray.get([h.load.remote() for h in self.targets.handles.values()])}
+        if self.drafters is not None:
+            loads["draft"] = ray.get([h.load.remote() for h in self.drafters.handles.values()])
+        return loads
+
+    def shutdown(self) -> None:
+        self.targets.shutdown()
+        if self.drafters is not None:
+            self.drafters.shutdown()

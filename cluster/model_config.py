@@ -1,0 +1,39 @@
+"""Where a model comes from: a local directory (safetensors or a GGUF file in it), and its dtype.
+Plain data: imported by the engine config and by drafter configs alike, without torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.errors import ConfigError, ModelNotFoundError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    dtype: str = "float32"
+    gguf_file: str | None = None  # load a GGUF file inside `path` instead of safetensors
+
+    def validate(self, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path: required")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{key}.dtype: {self.dtype!r} is not one of {DTYPES}")
+
+    def resolve(self, base: Path) -> None:
+        """Relative paths are relative to the config file that names them."""
+        if self.path and not Path(self.path).is_absolute():
+            self.path = str((base / self.path).resolve())
+
+
+def check_model_dir(key: str, model: ModelConfig) -> None:
+    path = Path(model.path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{key}.path: model directory {str(path)!r} does not exist")
+    wanted = [model.gguf_file] if model.gguf_file else ["config.json"]
+    for name in wanted:
+        if not (path / name).is_file():
+            raise ModelNotFoundError(f"{key}.path: {str(path)!r} has no {name}")

@@ -1,0 +1,160 @@
+"""Model backends: what workers run a model through.
+
+A backend owns a model and its KV cache slots, and offers three operations:
+  forward(rows)            one batched pass; each row extends its own slot by its new tokens, which may
+                           form a tree (a verify pass over a token-tree proposal);
+  commit(slot, start, keep) keep some of the tokens a pass wrote (rejected ones are dropped: a counter
+                           move for a chain, a small copy for a tree path);
+  cost(rows, tokens)       the seconds a pass of that shape takes, from a curve measured at start.
+`HFBackend` runs Hugging Face eager models; fast and offloaded backends plug in behind the same calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.core.cost_model import CostCurve
+from cluster.models.kv_cache import SlotKVCache
+
+
+@dataclass
+class Row:
+    """One row of a pass: `tokens` extend `slot`. parents[j] is the index (within tokens) of token j's
+    parent, -1 for the slot's last cached token; None means a chain."""
+
+    slot: int
+    tokens: list[int]
+    parents: list[int] | None = None
+
+
+@dataclass
+class PassOutput:
+    logits: torch.Tensor  # float32 [B, T_max, V], or [B, V] at each row's last token when last_only
+    hidden: torch.Tensor | None = None  # [B, T_max, H] last hidden states, when asked
+
+
+class HFBackend:
+    """A Hugging Face causal LM, eager, over ragged batches with tree masks and slot KV caches."""
+
+    name = "hf-eager"
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, capacity: int):
+        self.model = model
+        self.base = model.base_model  # the transformer without its LM head
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.cache = SlotKVCache(num_slots, capacity)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.curve: CostCurve | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.weight.shape[0]
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    # --- the three operations ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False) -> PassOutput:
+        lengths = [len(r.tokens) for r in rows]
+        if min(lengths) < 1:
+            raise ValueError("every row needs at least one new token")
+        width = max(lengths)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : lengths[i]] = torch.tensor(r.tokens)
+        slots = [r.slot for r in rows]
+        view = self.cache.batch_view(slots, width)
+        starts = torch.tensor(view.starts)
+        depth = torch.arange(width).repeat(len(rows), 1)  # position offset of each new token (chain: its index)
+        ancestor = torch.ones(len(rows), width, width, dtype=torch.bool).tril()  # chain: every earlier token
+        for i, r in enumerate(rows):
+            if r.parents is not None:
+                depth[i, : lengths[i]], ancestor[i, : lengths[i], : lengths[i]] = _tree(r.parents)
+        positions = starts.unsqueeze(-1) + depth  # [B, T]
+        key_pos = torch.arange(view.span)
+        allowed = key_pos.view(1, 1, -1) < starts.view(-1, 1, 1)  # the cached prefix
+        written = key_pos.view(1, 1, -1) - starts.view(-1, 1, 1)  # new-token index of each key, per row
+        in_block = (written >= 0) & (written < width)
+        allowed = allowed | (in_block & ancestor.gather(2, written.clamp(0, width - 1).expand(-1, width, -1)))
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        out = self.base(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.unsqueeze(1).to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=view,
+            use_cache=True,
+        ).last_hidden_state
+        for slot, n in zip(slots, lengths):
+            self.cache.lengths[slot] += n
+        if last_only:
+            out = out[torch.arange(len(rows)), torch.tensor(lengths) - 1]
+        logits = self.head(out).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return PassOutput(logits, out if hidden else None)
+
+    @torch.inference_mode()
+    def commit(self, slot: int, start: int, keep: list[int]) -> None:
+        """Keep the new tokens at indices `keep` (in order) of the pass that wrote from `start`: their K/V
+        move to start, start+1, ... (nothing moves for a chain's prefix) and the slot ends after them."""
+        if keep != list(range(len(keep))):
+            src = torch.tensor([start + k for k in keep])
+            dst = torch.arange(start, start + len(keep))
+            for buffers in (self.cache.keys, self.cache.values):
+                for layer in buffers:
+                    layer[slot, :, dst] = layer[slot, :, src]
+        self.cache.truncate(slot, start + len(keep))
+
+    def cost(self, rows: int, tokens: int) -> float:
+        """Predicted seconds of a pass of `rows` rows carrying `tokens` new tokens in all."""
+        if self.curve is None:
+            self.calibrate()
+        return self.curve(rows, tokens)
+
+    # --- measuring the cost curve ------------------------------------------------------------------
+    def calibrate(self, context: int = 64, repeats: int = 3) -> CostCurve:
+        """Time passes on a small grid of (rows, tokens per row) over scratch slots; fit the curve."""
+        free = self.cache.num_free
+        row_grid = sorted({r for r in (1, 2, 4, 8, 16, 32) if r <= free} or {1})
+        samples = []
+        slots = [self.cache.allocate() for _ in range(max(row_grid))]
+        try:
+            for rows in row_grid:
+                for per_row in (1, 2, 4, 8):
+                    if context + per_row > self.cache.capacity:
+                        continue
+                    times = []
+                    for _ in range(repeats + 1):  # the first run warms up
+                        for s in slots[:rows]:
+                            self.cache.truncate(s, 0)
+                            self.cache.lengths[s] = context  # attend over a realistic prefix (stale values)
+                        start = time.perf_counter()
+                        self.forward([Row(s, [0] * per_row) for s in slots[:rows]])
+                        times.append(time.perf_counter() - start)
+                    samples.append((rows, rows * per_row, sorted(times[1:])[len(times[1:]) // 2]))
+        finally:
+            for s in slots:
+                self.cache.free(s)
+        self.curve = CostCurve.fit(samples)
+        return self.curve
+
+
+def _tree(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth of each new token (0 for children of the cached prefix) and its ancestor-or-self matrix."""
+    n = len(parents)
+    depth = torch.zeros(n, dtype=torch.long)
+    ancestor = torch.eye(n, dtype=torch.bool)
+    for j, p in enumerate(parents):
+        if p >= 0:
+            if p >= j:
+                raise ValueError("tree rows: a token's parent must come before it")
+            depth[j] = depth[p] + 1
+            ancestor[j] |= ancestor[p]
+    return depth, ancestor

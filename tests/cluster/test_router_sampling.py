@@ -1,0 +1,54 @@
+"""Sampling keeps the target's distribution at every output position through the Ray router, with
+pipelining on (the default): drafts of one group are made while the other group is verified, by real
+actors. Same test as tests/engine/test_sampling_positions.py (5000 seeds, exact p per position)."""
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM
+
+from cluster.router import Router
+from tests.cluster.conftest import cluster_config
+from tests.engine.test_sampling_positions import ALPHA, SETTINGS, check_positions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_target(tiny_models):
+    return AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+
+
+# Every setting runs through the engine (tests/engine); through the router, the model drafter at all
+# three and prompt lookup at one keep the suite's time bounded.
+CASES = [("model", "t1"), ("model", "t07_top_p09"), ("model", "top_k5"), ("ngram", "top_k5")]
+
+
+@pytest.fixture(scope="module")
+def routers(ray_local, tiny_models):
+    """routers(kind) -> a pipelined router with 2 target and 2 draft actors (one kind alive at a time)."""
+    made: dict = {}
+
+    def get(kind: str) -> Router:
+        if kind not in made:
+            for old in made.values():
+                old.shutdown()
+            made.clear()
+            made[kind] = Router(cluster_config(tiny_models, kind=kind, k=3, replicas=2, max_batch_size=32,
+                                               max_waiting=6000))
+            made[kind].wait_ready()
+        return made[kind]
+
+    yield get
+    for router in made.values():
+        router.shutdown()
+
+
+@pytest.mark.parametrize("kind, setting", CASES)
+def test_every_position_follows_the_target_through_the_router(routers, hf_target, kind, setting):
+    router = routers(kind)
+    steps = router.pipelined_steps
+    pvalues = check_positions(router, router.tokenizer, hf_target, SETTINGS[setting])
+    assert (pvalues > ALPHA).all(), f"positions failing: {np.flatnonzero(pvalues <= ALPHA).tolist()} {pvalues}"
+    assert router.pipelined_steps > steps  # the pipelined path produced these samples
+    drafter = router.config.drafter.kind
+    assert router.metrics.value("specdec_accepted_tokens_total", drafter=drafter) > 0

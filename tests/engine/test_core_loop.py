@@ -1,0 +1,105 @@
+"""The one loop (issue 9): keyed randomness makes a seeded request's tokens independent of its batch,
+its draft lengths and its drafter; token trees verify exactly; the cost model is measured."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cluster.core.messages import Proposal
+from cluster.drafters.base import Drafter, DraftRequest
+from cluster.engine import SpecEngine
+from cluster.types import SamplingParams
+from tests.engine.test_sampling_positions import check_positions
+
+PROMPT = "def add(a, b):\n    return"
+OTHERS = ["import os\n", "x", "class A:\n", "for i in range(3):\n", "raise ValueError(", "    \"\"\"Return", "y = "]
+SAMPLED = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+
+
+@pytest.fixture(scope="module")
+def alone(make_engine):
+    """The seeded request through target-only decoding: the reference every variant must reproduce."""
+    return make_engine("ngram", k=0).generate([PROMPT], SAMPLED)[0].token_ids
+
+
+@pytest.mark.parametrize("kind, k, adaptive", [("model", 1, False), ("model", 4, False), ("model", 4, True),
+                                               ("ngram", 4, False), ("ngram", 4, True)])
+def test_a_seeded_request_gives_the_same_tokens_alone_in_a_batch_with_any_k(make_engine, alone, kind, k, adaptive):
+    engine = make_engine(kind, k=k, adaptive=adaptive)
+    assert engine.generate([PROMPT], SAMPLED)[0].token_ids == alone
+    batch = engine.generate([PROMPT] + OTHERS, [SAMPLED] + [SamplingParams(max_tokens=30, temperature=1.0,
+                                                                          seed=i) for i in range(7)])
+    assert batch[0].token_ids == alone  # 8 in the batch, other seeds and lengths beside it
+    assert engine.stats.drafted > 0
+
+
+def test_the_rejection_rule_is_reproducible_for_a_fixed_k(make_engine):
+    a = make_engine("model", k=3, rule="rejection")
+    b = make_engine("model", k=3, rule="rejection")
+    alone = a.generate([PROMPT], SAMPLED)[0].token_ids
+    assert b.generate([PROMPT] + OTHERS, [SAMPLED] + [SamplingParams(max_tokens=8)] * 7)[0].token_ids == alone
+
+
+class TreeDrafter(Drafter):
+    """Two branches per request from the noisy draft model: its top-2 first tokens, each continued by the
+    draft's greedy choice. Identical siblings are merged; q is the draft's distribution (rejection rule)."""
+
+    name = "model"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def propose(self, batch):
+        out = []
+        for r in batch:
+            backend = self.inner.backend
+            with torch.inference_mode():
+                ids = torch.tensor([r.tokens])
+                logits = backend.model(ids).logits[0, -1]
+            firsts = logits.topk(2).indices.tolist()
+            tokens, parents = [], []
+            for first in firsts:
+                tokens.append(first)
+                parents.append(-1)
+                root = len(tokens) - 1
+                with torch.inference_mode():
+                    nxt = int(backend.model(torch.tensor([r.tokens + [first]])).logits[0, -1].argmax())
+                tokens.append(nxt)
+                parents.append(root)
+            out.append(Proposal(tokens[: r.budget], parents[: r.budget]))
+        return out
+
+
+@pytest.fixture(scope="module")
+def tree_engine(make_engine):
+    base = make_engine("model", k=4, draft="draft_noisy", max_batch_size=64, max_waiting=5000)
+    return SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target,
+                      drafter=TreeDrafter(base.drafter.drafter))
+
+
+def test_tree_proposals_are_exact_greedy(tree_engine, make_engine):
+    prompts = [PROMPT] + OTHERS
+    expected = make_engine("ngram", k=0).generate(prompts, SamplingParams(max_tokens=20))
+    outputs = tree_engine.generate(prompts, SamplingParams(max_tokens=20))
+    assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
+    assert tree_engine.stats.accepted > 0  # branches were taken
+
+
+def test_tree_proposals_reproduce_seeded_sampling(tree_engine, alone):
+    assert tree_engine.generate([PROMPT], SAMPLED)[0].token_ids == alone
+
+
+@pytest.mark.slow
+def test_tree_proposals_keep_the_distribution_at_every_position(tree_engine, tiny_models):
+    hf_target = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    pvalues = check_positions(tree_engine, tree_engine.tokenizer, hf_target, dict(temperature=1.0))
+    assert (pvalues > 1e-4).all(), pvalues
+
+
+def test_predicted_step_times_are_measured(make_engine):
+    engine = make_engine("model", k=4, adaptive=True, max_batch_size=8)
+    engine.generate([PROMPT] + OTHERS, SamplingParams(max_tokens=40))
+    assert engine.metrics.value("specdec_step_predicted_seconds_count") > 10
+    assert engine.metrics.value("specdec_step_measured_seconds_count") >= engine.metrics.value(
+        "specdec_step_predicted_seconds_count")
+    assert 0 <= engine.step_time_error() < 1.0

@@ -1,0 +1,123 @@
+"""The cost model and the scheduler, without models or Ray."""
+
+import random
+from collections import deque
+
+import pytest
+
+from cluster.core.cost_model import Acceptance, CostCurve, CostModel, DraftCost, StepTimer, expected_tokens
+from cluster.core.messages import Proposal
+from cluster.core.scheduler import Scheduler, SchedulerConfig
+from cluster.requests import Sequence
+from cluster.types import SamplingParams
+
+
+def test_curve_fit_recovers_a_linear_cost():
+    truth = CostCurve(0.03, 0.001, 0.0005)
+    samples = [(r, r * t, truth(r, r * t)) for r in (1, 2, 4, 8) for t in (1, 2, 4, 8)]
+    fitted = CostCurve.fit(samples)
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((0.03, 0.001, 0.0005), rel=1e-6)
+    assert max(fitted.relative_errors()) < 1e-6
+
+
+def test_step_timer_learns_overhead_and_bias():
+    timer, rng = StepTimer(), random.Random(0)
+    for _ in range(300):
+        verify, draft = rng.uniform(0.01, 0.1), rng.uniform(0.0, 0.05)
+        timer.observe(verify, draft, 0.004 + 1.2 * verify + 0.9 * draft)
+    assert timer.predict(0.05, 0.02) == pytest.approx(0.004 + 1.2 * 0.05 + 0.9 * 0.02, rel=1e-3)
+
+
+def test_acceptance_counts_trials_until_the_first_rejection():
+    a = Acceptance()
+    a.observe(drafted=4, accepted=4)  # 4 successes, no rejection
+    a.observe(drafted=4, accepted=1)  # 1 success, then a rejection
+    assert (a.accepted, a.trials) == (5, 6)
+    assert a.rate(prior=0.5, strength=0) == pytest.approx(5 / 6)
+    assert Acceptance().rate(prior=0.3) == pytest.approx(0.3)
+
+
+def test_budgets_never_predicted_slower_than_plain_decoding():
+    rng = random.Random(1)
+    for _ in range(200):
+        curve = CostCurve(rng.uniform(0.001, 0.05), rng.uniform(0, 0.002), rng.uniform(0, 0.01))
+        model = CostModel(curve, DraftCost(rng.uniform(0, 0.01), rng.uniform(0, 0.01), rng.uniform(0, 0.005)),
+                          sequential_draft=rng.random() < 0.5)
+        alphas = [rng.random() for _ in range(rng.randint(1, 32))]
+        caps = [rng.randint(0, 8) for _ in alphas]
+        plan = model.choose(alphas, caps)
+        plain_step, _, _ = model.step_seconds([0] * len(alphas))
+        assert all(0 <= k <= c for k, c in zip(plan.ks, caps))
+        assert plan.tokens / plan.step_s >= len(alphas) / plain_step - 1e-9
+        assert plan.tokens == pytest.approx(sum(expected_tokens(a, k) for a, k in zip(alphas, plan.ks)))
+
+
+def test_budgets_follow_cost_and_acceptance():
+    cheap_verify = CostModel(CostCurve(0.05, 0.0, 0.0001), DraftCost(0.0, 0.0, 0.0))  # memory-bound: drafts ~free
+    assert cheap_verify.choose([0.9, 0.9], [8, 8]).ks == [8, 8]
+    assert cheap_verify.choose([0.9, 0.0], [8, 8]).ks == [8, 0]  # a request whose drafts never pass drafts nothing
+    compute_bound = CostModel(CostCurve(0.0, 0.0, 0.01), DraftCost(0.0, 0.0, 0.0))  # every token costs a pass
+    assert compute_bound.choose([0.5] * 16, [8] * 16).ks == [0] * 16
+    pricey_draft = CostModel(CostCurve(0.05, 0.0, 0.0001), DraftCost(0.0, 0.05, 0.0), sequential_draft=True)
+    ks = pricey_draft.choose([0.6], [8]).ks
+    assert 0 <= ks[0] <= 2  # each draft step costs a verify pass: short drafts at most
+
+
+def _seq(i: int, max_tokens: int = 50, output: int = 0) -> Sequence:
+    tokens = list(range(10 + output))
+    seq = Sequence(f"r{i}", SamplingParams(max_tokens=max_tokens), i, tokens, 10)
+    return seq
+
+
+def test_scheduler_admits_by_derived_load_and_moves_requests_off_a_dead_worker():
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=64))
+    sched.targets, sched.drafters = {"target-0": 2, "target-1": 2}, {"draft-0": 4}
+    sched.waiting = deque(_seq(i) for i in range(5))
+    plan = sched.schedule()
+    assert sorted(a.target for a in plan.admit) == ["target-0", "target-0", "target-1", "target-1"]
+    assert len(sched.waiting) == 1 and sched.load("target-0") == 2 and sched.load("draft-0") == 4
+    for seq in sched.running:
+        seq.ready = True
+    plan = sched.schedule()
+    assert not plan.admit and len(plan.verify) == 4 and all(t.budget == 3 and t.now for t in plan.draft)
+    moved = sched.worker_lost("target-1")
+    assert len(moved) == 2 and all(s.resume and s.target is None for s in moved)
+    sched.targets["target-2"] = 2
+    plan = sched.schedule()
+    assert [(a.target, a.resume) for a in plan.admit] == [("target-2", True), ("target-2", True)]
+
+
+def test_budgets_stop_at_what_a_request_may_still_emit():
+    sched = Scheduler(SchedulerConfig(k=6, k_max=8, adaptive=False, max_model_len=20))
+    sched.targets, sched.drafters = {"target-0": 4}, {"draft-0": 4}
+    a, b = _seq(0, max_tokens=3, output=1), _seq(1, max_tokens=50, output=6)  # b: 16 of 20 context used
+    for s in (a, b):
+        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
+    sched.running = [a, b]
+    plan = sched.schedule()
+    assert {t.seq_id: t.budget for t in plan.draft} == {"r0": 1, "r1": 3}
+
+
+def test_pipelining_splits_the_batch_when_drafting_costs_a_real_share():
+    # Compute-bound (a CPU): every token costs, in verification and in drafting alike.
+    slow_draft = CostModel(CostCurve(0.002, 0.0, 0.004), DraftCost(0.0, 0.0, 0.004))
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), slow_draft, overlaps=True)
+    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
+    seqs = [_seq(i) for i in range(4)]
+    for s in seqs:
+        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
+    sched.running = seqs
+    plan = sched.schedule()
+    assert plan.pipelined
+    now, later = [t.seq_id for t in plan.draft if t.now], [t.seq_id for t in plan.draft if not t.now]
+    assert len(now) == 2 and len(later) == 2 and {v.seq_id for v in plan.verify} == set(now)
+    for s in seqs:  # next step: the drafted-for-later group holds proposals and is verified
+        if s.request_id in later:
+            s.proposal = Proposal.chain([1, 2, 3])
+    plan = sched.schedule()
+    assert {v.seq_id for v in plan.verify} == set(later) and {t.seq_id for t in plan.draft} == set(now)
+    free_draft = CostModel(CostCurve(0.05, 0.0, 0.0005), DraftCost(0.0, 0.0, 0.0))
+    sched.cost = free_draft
+    for s in seqs:
+        s.proposal = None
+    assert not sched.schedule().pipelined  # free drafts: one group, verified every step

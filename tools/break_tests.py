@@ -1,0 +1,164 @@
+"""Show that tests fail when their claim is false: copy the project, break one thing in the copy
+(a literal source edit), run the tests that claim it, and report whether they failed.
+
+    python -m tools.break_tests [NAME ...] [--list] [--json]
+
+Each breakage names the file, the text replaced and the tests that must fail. A breakage whose tests
+still pass is a test that cannot fail: the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BREAKAGES = [
+    Breakage("residual-5pct-wrong", "the residual's mass 5% wrong: 0.95 r + 0.05 uniform over p's support",
+             "cluster/sampling/acceptance.py",
+             "        residual = torch.where(has_mass, residual, dist)\n",
+             "        residual = torch.where(has_mass, residual, dist)\n"
+             "        residual = 0.95 * residual / residual.sum(-1, keepdim=True) + 0.05 * (dist > 0).float() / "
+             "(dist > 0).float().sum(-1, keepdim=True)\n",
+             ("tests/unit/test_acceptance.py::test_output_is_distributed_as_target_at_every_position",
+              "tests/engine/test_sampling_positions.py::test_every_position_follows_the_target[model-t1]")),
+    Breakage("bonus-from-residual", "a fully accepted draft treated as rejected: the bonus comes from the residual",
+             "cluster/sampling/acceptance.py",
+             "    rejected = num_accepted < num_draft\n",
+             "    rejected = (num_accepted < num_draft) | (num_draft > 0)\n",
+             ("tests/unit/test_acceptance.py::test_output_is_distributed_as_target_at_every_position",
+              "tests/engine/test_sampling_positions.py::test_every_position_follows_the_target[model-t1]")),
+    Breakage("q-shifted", "the target reads q one position late (q misaligned at draft positions >= 2)",
+             "cluster/workers/target_worker.py",
+             "                    draft_probs[i, :k] = item.draft_probs[:k].to(device)\n",
+             "                    draft_probs[i, :k] = item.draft_probs[:k].to(device).roll(1, 0)\n",
+             ("tests/engine/test_sampling_positions.py::test_every_position_follows_the_target[model-t1]",)),
+    Breakage("shared-draft-rng", "the draft samples x ~ q with the target's acceptance uniforms' seed",
+             "cluster/workers/draft_worker.py",
+             "    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)\n",
+             "    return seed\n",
+             ("tests/engine/test_sampling_positions.py::test_every_position_follows_the_target[model-t1]",)),
+    Breakage("no-pipelining", "the router never pipelines", "cluster/router/loop.py",
+             "        if not cluster.pipelining or self.drafts is None:\n",
+             "        if True:\n",
+             ("tests/cluster/test_router.py::test_pipelining_overlaps_drafting_with_verification",)),
+    Breakage("abort-noop", "abort() finds the request but does not finish it", "cluster/requests.py",
+             "                seq.finish_reason = reason\n                self._retire()\n                return seq\n",
+             "                return seq\n",
+             ("tests/cluster/test_router.py::test_abort_stops_a_request_at_once",
+              "tests/api/test_grpc.py::test_cancelled_stream_stops_generation_and_frees_caches")),
+    Breakage("close-noop", "closing a stream (client gone, deadline) does not cancel the request",
+             "cluster/serving/driver.py",
+             "            self._done = True\n            self.driver.cancel(self.request_id)\n",
+             "            self._done = True\n",
+             ("tests/api/test_grpc.py::test_deadline_stops_generation",
+              "tests/api/test_grpc.py::test_cancelled_stream_stops_generation_and_frees_caches")),
+    Breakage("verify-not-counted", "verify passes are not recorded in the metrics", "cluster/metrics.py",
+             "        d, a, v = (m.labels(self.drafter) for m in (self.drafted, self.accepted, self.verifies))\n",
+             "        return\n        d, a, v = (m.labels(self.drafter) for m in (self.drafted, self.accepted, self.verifies))\n",
+             ("tests/cluster/test_router.py::test_metrics_report_a_known_workload",
+              "tests/api/test_hardening.py::test_metrics_endpoint_reports_a_known_workload")),
+    Breakage("resources-ignored", "actors are placed without their custom resources", "cluster/workers/actors.py",
+             "    if pool.resources:\n", "    if False:\n",
+             ("tests/cluster/test_placement.py::test_actor_without_matching_node_stays_pending",
+              "tests/cluster/test_placement.py::test_drafts_and_targets_land_on_their_own_nodes")),
+    Breakage("shortest-suffix-first", "prompt lookup tries the shortest suffix first", "cluster/drafters/ngram.py",
+             "    for n in range(min(ngram_max, len(arr) - 1), ngram_min - 1, -1):\n",
+             "    for n in range(ngram_min, min(ngram_max, len(arr) - 1) + 1):\n",
+             ("tests/unit/test_small_pure.py::test_lookup_continues_latest_match_of_longest_suffix",)),
+    Breakage("crd-typo", "a misspelled key in the RayService (rayStartParamz)", "k8s/rayservice.yaml",
+             "      rayStartParams:\n", "      rayStartParamz:\n",
+             ("tests/k8s/test_manifests.py::test_rayservice_matches_the_kuberay_crd_schema",)),
+    Breakage("penalty-history-stale", "penalties at draft positions ignore the draft tokens before them",
+             "cluster/sampling/logits.py",
+             "            history.advance(steps[:, t])\n", "            pass\n",
+             ("tests/engine/test_sampling_params.py",)),
+    Breakage("stop-not-cut", "text is not cut at a stop string found mid-pass", "cluster/text.py",
+             "        self.text = self.text[:at]\n", "",
+             ("tests/engine/test_requests.py::test_stop_string_completing_inside_an_accepted_draft",)),
+    Breakage("eos-not-held-off", "min_tokens does not hold EOS off", "cluster/sampling/logits.py",
+             "        if len(self.suppress) and bool(below.any()):\n", "        if False:\n",
+             ("tests/engine/test_sampling_params.py::test_min_tokens_holds_off_eos",
+              "tests/engine/test_requests.py::test_eos_inside_an_accepted_draft_ends_the_request")),
+    Breakage("failure-not-isolated", "a failing sequence fails its whole batch", "cluster/workers/isolation.py",
+             "        if len(items) == 1:\n", "        if True:\n",
+             ("tests/api/test_hardening.py::test_a_request_failing_inside_the_server_fails_alone",)),
+    Breakage("tiny-temperature-nan", "temperatures below 1e-5 are not made greedy", "cluster/types.py",
+             "            temperature=0.0 if self.temperature < SAMPLING_EPS else float(self.temperature),\n",
+             "            temperature=float(self.temperature),\n",
+             ("tests/api/test_hardening.py::test_tiny_temperature_is_greedy",)),
+]
+
+
+def run(breakage: Breakage, python: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"break-{breakage.name}-") as tmp:
+        copy = Path(tmp) / "project"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", "models", ".git", "__pycache__",
+                                                                  ".pytest_cache", "*.egg-info"))
+        target = copy / breakage.path
+        text = target.read_text()
+        if breakage.old not in text:
+            return {"name": breakage.name, "error": f"{breakage.path} no longer contains the text to break"}
+        target.write_text(text.replace(breakage.old, breakage.new, 1))
+        outcomes = []
+        for test in breakage.tests:  # each on its own: every test named must fail by itself
+            start = time.perf_counter()
+            # -p no:cacheprovider: nothing is written back; the copy's own packages shadow the installed ones.
+            result = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", test],
+                                    cwd=copy, capture_output=True, text=True)
+            last = (result.stdout.strip().splitlines() or [""])[-1]
+            outcomes.append({"test": test, "failed": result.returncode == 1, "summary": last,
+                             "seconds": round(time.perf_counter() - start, 1)})
+        return {"name": breakage.name, "what": breakage.what, "tests": outcomes,
+                "failed": all(o["failed"] for o in outcomes)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    chosen = [b for b in BREAKAGES if not args.names or b.name in args.names]
+    if args.list:
+        for b in chosen:
+            print(f"{b.name}: {b.what} -> {', '.join(b.tests)}")
+        return 0
+    rows = []
+    for i, b in enumerate(chosen, 1):
+        print(f"[{i}/{len(chosen)}] {b.name} ...", file=sys.stderr, flush=True)
+        rows.append(run(b, sys.executable))
+        for o in rows[-1].get("tests", []):
+            print(f"    {'caught' if o['failed'] else 'NOT CAUGHT'} by {o['test']}: {o['summary']}",
+                  file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    else:
+        print("breakage | what | test | caught")
+        for r in rows:
+            for o in r.get("tests", [{"test": r.get("error"), "failed": False}]):
+                print(f"{r['name']} | {r.get('what', '')} | {o['test']} | {'yes' if o['failed'] else 'NO'}")
+    return 0 if all(r.get("failed") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

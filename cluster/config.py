@@ -67,6 +67,7 @@ class SpeculationConfig:
     adaptive: bool = True  # the cost model chooses each request's draft length every step (0 included)
     rule: str = "coupled"  # sampled requests: "coupled" (same seed, same tokens, any K) or "rejection"
     prior_acceptance: float = 0.5  # acceptance assumed for a request before its first verify pass
+    min_gain: float = 0.03  # draft only where the cost model predicts at least this gain over plain decoding
     calibrate: bool = True  # measure the target's pass-cost curve at start (the cost model needs it)
 
     def validate(self, key: str) -> None:
@@ -78,6 +79,8 @@ class SpeculationConfig:
             raise ConfigError(f"{key}.rule: {self.rule!r} is not 'coupled' or 'rejection'")
         if not 0.0 < self.prior_acceptance < 1.0:
             raise ConfigError(f"{key}.prior_acceptance: must be in (0, 1)")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ConfigError(f"{key}.min_gain: must be in [0, 1)")
 
 
 @dataclass

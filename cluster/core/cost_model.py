@@ -29,14 +29,24 @@ class CostCurve:
 
     @staticmethod
     def fit(samples: list[tuple[int, int, float]]) -> CostCurve:
+        """Non-negative least squares over the three terms (the best fit among the subsets of terms whose
+        coefficients all come out >= 0)."""
         if not samples:
             return CostCurve(0.0, 0.0, 0.0)
-        coef = _least_squares([[1.0, r, t] for r, t, _ in samples], [s for _, _, s in samples])
-        if coef is None or min(coef) < 0:  # too few distinct shapes, or a negative term: fall back to tokens only
-            total_t = sum(t for _, t, _ in samples)
-            per_token = sum(s for _, _, s in samples) / max(total_t, 1)
-            coef = [0.0, 0.0, per_token]
-        return CostCurve(*coef, samples=list(samples))
+        y = [s for _, _, s in samples]
+        features = [[1.0, r, t] for r, t, _ in samples]
+        best, best_err = [0.0, 0.0, sum(y) / max(sum(t for _, t, _ in samples), 1)], float("inf")
+        for terms in ([0, 1, 2], [0, 2], [0, 1], [1, 2], [0], [2]):
+            coef = _least_squares([[row[i] for i in terms] for row in features], y)
+            if coef is None or min(coef) < 0:
+                continue
+            full = [0.0, 0.0, 0.0]
+            for i, c in zip(terms, coef):
+                full[i] = c
+            err = sum((full[0] + full[1] * r + full[2] * t - s) ** 2 for r, t, s in samples)
+            if err < best_err:
+                best, best_err = full, err
+        return CostCurve(*best, samples=list(samples))
 
     def relative_errors(self) -> list[float]:
         return [abs(self(r, t) - s) / s for r, t, s in self.samples if s > 0]
@@ -94,7 +104,7 @@ class StepTimer:
     """measured step seconds ~ x0 + x1 * predicted verify + x2 * predicted draft, by recursive least
     squares with forgetting: the overhead and any bias of the curves, learned from every step."""
 
-    def __init__(self, forgetting: float = 0.98):
+    def __init__(self, forgetting: float = 0.9):
         self.theta = [0.0, 1.0, 1.0]
         self.p = [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)]
         self.forgetting = forgetting
@@ -141,11 +151,14 @@ class CostModel:
         draft = self.draft_seconds(ks)
         return self.timer.predict(verify, 0.0 if overlapped else draft), verify, draft
 
-    def choose(self, alphas: list[float], caps: list[int]) -> Budgets:
-        """Per-request draft lengths (each <= its cap) maximising expected tokens per second of the step."""
+    def choose(self, alphas: list[float], caps: list[int], min_gain: float = 0.0) -> Budgets:
+        """Per-request draft lengths (each <= its cap) maximising expected tokens per second of the step.
+        A plan predicted less than `min_gain` faster than plain decoding is dropped for plain decoding:
+        predictions are noisy, and a marginal draft is not worth its risk."""
         ks = [0] * len(alphas)
         tokens = float(len(alphas))
         step, verify, draft = self.step_seconds(ks)
+        plain = Budgets(list(ks), tokens, verify, draft, step)
         # The next token of request r is worth alpha_r^(k_r + 1) expected tokens: best first.
         heap = [(-a, i) for i, (a, cap) in enumerate(zip(alphas, caps)) if cap > 0 and a > 0]
         heapq.heapify(heap)
@@ -159,11 +172,13 @@ class CostModel:
             tokens, step, verify, draft = tokens - neg_gain, new_step, new_verify, new_draft
             if ks[i] < caps[i]:
                 heapq.heappush(heap, (-(alphas[i] ** (ks[i] + 1)), i))
+        if min_gain and tokens / step < (1 + min_gain) * plain.tokens / max(plain.step_s, 1e-12):
+            return plain
         return Budgets(ks, tokens, verify, draft, step)
 
 
 def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:
-    """Solve the normal equations (3 unknowns) by Gaussian elimination; None if singular."""
+    """Solve the normal equations by Gaussian elimination; None if singular."""
     n = len(x[0])
     a = [[sum(r[i] * r[j] for r in x) for j in range(n)] + [sum(r[i] * v for r, v in zip(x, y))] for i in range(n)]
     for col in range(n):

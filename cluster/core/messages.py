@@ -131,3 +131,40 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not (self.admit or self.draft or self.verify)
+
+
+@dataclass
+class VerifyMetadata:
+    """Flat ragged metadata of one verify pass (vLLM's SpecDecodeMetadata): row i's drafts are
+    draft_token_ids[cu_num_draft[i]:cu_num_draft[i + 1]]; its target logits at the draft positions are
+    rows target_logits_indices[...] of the flattened [B * T, V] logits, and its bonus logits (after the
+    last draft) row bonus_logits_indices[i]. T = width of the pass (1 + longest draft)."""
+
+    draft_token_ids: list[int]
+    num_draft: list[int]
+    cu_num_draft: list[int]
+    target_logits_indices: list[int]
+    bonus_logits_indices: list[int]
+    width: int
+
+    @staticmethod
+    def from_chains(drafts: list[list[int]]) -> VerifyMetadata:
+        width = 1 + max((len(d) for d in drafts), default=0)
+        cu, flat, target, bonus = [0], [], [], []
+        for i, d in enumerate(drafts):
+            flat += d
+            cu.append(cu[-1] + len(d))
+            target += [i * width + j for j in range(len(d))]
+            bonus.append(i * width + len(d))
+        return VerifyMetadata(flat, [len(d) for d in drafts], cu, target, bonus, width)
+
+    @staticmethod
+    def make_dummy(num_draft: list[int], vocab: int = 100) -> VerifyMetadata:
+        """For tests: drafts of the given lengths with token ids 0, 1, 2, ... mod vocab."""
+        tokens = iter(range(10**9))
+        return VerifyMetadata.from_chains([[next(tokens) % vocab for _ in range(n)] for n in num_draft])
+
+    def padded(self) -> list[list[int]]:
+        """Each row's drafts, right-padded with -1 to width - 1."""
+        return [self.draft_token_ids[a:b] + [-1] * (self.width - 1 - (b - a))
+                for a, b in zip(self.cu_num_draft, self.cu_num_draft[1:])]

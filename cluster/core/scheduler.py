@@ -26,6 +26,7 @@ class SchedulerConfig:
     adaptive: bool  # budgets from the cost model (False: always k)
     max_model_len: int
     prior_acceptance: float = 0.5
+    min_gain: float = 0.03  # speculate only where the cost model predicts at least this much gain
     want_hidden: bool = False  # drafters that read the target's hidden states (parallel heads)
 
 
@@ -84,7 +85,7 @@ class Scheduler:
             ks = [min(self.config.k, c) for c in caps]
         else:
             alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
-            ks = self.cost.choose(alphas, caps).ks
+            ks = self.cost.choose(alphas, caps, self.config.min_gain).ks
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
         fresh = [s for s in decode if s.proposal is None]

@@ -109,9 +109,8 @@ class RayExecutor:
         self._collect_drafts(result, {w: c for w, c in self._in_flight.items()
                                       if any(t.seq_id in needed for t in c[0])}, wait=True)
         self._in_flight = {w: c for w, c in self._in_flight.items() if not any(t.seq_id in needed for t in c[0])}
-        draft_start = time.perf_counter()
-        self._collect_drafts(result, now, wait=True)
-        result.draft_s = time.perf_counter() - draft_start
+        self._collect_drafts(result, now, wait=True, launched=start)
+        result.draft_s = time.perf_counter() - start if now else 0.0
         verify = {w: (tasks, self.targets.handles[w].verify_timed.remote(tasks))
                   for w, tasks in by_worker(resolve_verify(plan, result.proposals), "target").items()
                   if w in self.targets.handles}
@@ -144,7 +143,9 @@ class RayExecutor:
         """Requests whose next-step drafts are still running."""
         return {t.seq_id for tasks, _ in self._in_flight.values() for t in tasks}
 
-    def _collect_drafts(self, result: StepResult, calls: dict, wait: bool) -> None:
+    def _collect_drafts(self, result: StepResult, calls: dict, wait: bool, launched: float | None = None) -> None:
+        """Gather draft results. For drafts this step waits on, the cost model learns the whole call as
+        the verify sees it (round trip included), not just the worker's compute."""
         if not calls:
             return
         refs = [ref for _, ref in calls.values()]
@@ -164,7 +165,8 @@ class RayExecutor:
             except RayError:
                 result.draft_failed.update(t.seq_id for t in tasks)
                 continue
-            result.draft_calls.append((*call_shape(tasks), drafted.compute_s))
+            seconds = time.perf_counter() - launched if launched is not None else drafted.compute_s
+            result.draft_calls.append((*call_shape(tasks), max(seconds, drafted.compute_s)))
             for task, proposal in zip(tasks, drafted.proposals):
                 proposal = clean(proposal, self.vocab)
                 if proposal is None or task.seq_id in drafted.failed:

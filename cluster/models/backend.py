@@ -119,7 +119,7 @@ class HFBackend:
         return self.curve(rows, tokens)
 
     # --- measuring the cost curve ------------------------------------------------------------------
-    def calibrate(self, context: int = 64, repeats: int = 3) -> CostCurve:
+    def calibrate(self, context: int = 64, repeats: int = 5) -> CostCurve:
         """Time passes on a small grid of (rows, tokens per row) over scratch slots; fit the curve."""
         free = self.cache.num_free
         row_grid = sorted({r for r in (1, 2, 4, 8, 16, 32) if r <= free} or {1})

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import ModelConfig
-from cluster.core.messages import Prefill, Proposal, Verdict, VerifyTask
+from cluster.core.messages import Prefill, Proposal, Verdict, VerifyMetadata, VerifyTask
 from cluster.models.backend import HFBackend, Row
 from cluster.models.loader import load_model
 from cluster.requests import eos_ids
@@ -232,23 +232,28 @@ class TargetWorker:
         return adjusted
 
     def _accept_coupled(self, probs, seqs, proposals) -> list[tuple[list[int], int]]:
-        """t* at every node (argmax p, or argmax p / E with E keyed by the node's output position)."""
-        results = []
-        for i, (s, p) in enumerate(zip(seqs, proposals)):
-            depths = [0] + p.depths()
-            nodes = probs[i, : len(p) + 1]
-            if s.params.greedy:
-                chosen = nodes.argmax(-1)
-            else:
-                noise = {d: keyed.race_noise(s.seed, s.position + d, nodes.shape[-1]) for d in set(depths)}
-                chosen = coupled_choice(nodes, torch.stack([noise[d] for d in depths]))
-            chosen = chosen.tolist()
-            if p.is_chain:
-                n, token = accept_chain_coupled(torch.tensor([chosen]), torch.tensor([p.tokens or [0]])[:, : len(p)],
-                                                torch.tensor([len(p)]))
-                results.append((list(range(int(n))), int(token)))
-            else:
-                results.append(walk_tree(p.tokens, p.children(), chosen))
+        """t* at every node (argmax p, or argmax p / E with E keyed by the node's output position); chains
+        are accepted in one batched call over flat metadata, trees walked."""
+        chosen = probs.argmax(-1)  # [B, T]: greedy rows, and the shape for the rest
+        for i, s in enumerate(seqs):
+            if not s.params.greedy:
+                p = proposals[i]
+                depths = [0] + p.depths()
+                noise = {d: keyed.race_noise(s.seed, s.position + d, probs.shape[-1]) for d in set(depths)}
+                chosen[i, : len(p) + 1] = coupled_choice(probs[i, : len(p) + 1], torch.stack([noise[d] for d in depths]))
+        chosen = chosen.cpu()
+        results: list = [None] * len(seqs)
+        chains = [i for i, p in enumerate(proposals) if p.is_chain]
+        if chains:
+            meta = VerifyMetadata.from_chains([proposals[i].tokens for i in chains])
+            index = torch.tensor(chains)
+            drafts = torch.tensor(meta.padded(), dtype=torch.long).reshape(len(chains), meta.width - 1)
+            n, token = accept_chain_coupled(chosen[index, : meta.width], drafts, torch.tensor(meta.num_draft))
+            for r, i in enumerate(chains):
+                results[i] = (list(range(int(n[r]))), int(token[r]))
+        for i, p in enumerate(proposals):
+            if results[i] is None:
+                results[i] = walk_tree(p.tokens, p.children(), chosen[i, : len(p) + 1].tolist())
         return results
 
     def _accept_rejection(self, probs, seqs, proposals) -> list[tuple[list[int], int]]:

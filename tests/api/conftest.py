@@ -16,8 +16,9 @@ import grpc
 import pytest
 import uvicorn
 
+from cluster.drafters.ngram import NgramDrafter
 from cluster.engine import SpecEngine
-from cluster.serving.driver import EngineDriver
+from cluster.serving.driver import EngineDriver, last_delta
 from cluster.workers.target_worker import TargetWorker
 from deployments import openai_api
 from deployments.grpc_ingress import build_server
@@ -34,6 +35,42 @@ class FaultyTarget(TargetWorker):
         if any(s.params.seed == FAULT_SEED for s in seqs):
             raise RuntimeError("injected fault /secret/path/model.py at 10.0.0.7")
         return super()._accept(logits, seqs, items)
+
+
+class SlowDrafter(NgramDrafter):
+    """Prompt lookup that takes `delay_s` a step, like a real draft model: a long generation then takes
+    seconds, so tests measure cancellation instead of racing a 1 ms tiny-model step."""
+
+    def __init__(self, delay_s: float = 0.02):
+        super().__init__()
+        self.delay_s = delay_s
+
+    def propose(self, batch):
+        time.sleep(self.delay_s)
+        return super().propose(batch)
+
+
+def full_batch_runs_at_once(server: "Server", max_tokens: int = 48) -> list:
+    """Submit max_batch_size requests together; assert they all run in one step (capacity is back to
+    full) and return their final deltas."""
+    engine = server.engine
+    size = engine.config.limits.max_batch_size
+    assert engine.target.backend.cache.num_free == size
+    peak, step = [0], engine.step
+
+    def watched():
+        out = step()
+        peak[0] = max(peak[0], len(engine.running))
+        return out
+
+    engine.step = watched
+    try:
+        finals = [last_delta(s) for s in server.driver.stream_many([(PROMPT, engine.default_params(max_tokens=max_tokens))] * size)]
+    finally:
+        del engine.step
+    assert all(f is not None and f.finish_reason in ("length", "eos") for f in finals)
+    assert peak[0] == size
+    return finals
 
 
 def free_port() -> int:

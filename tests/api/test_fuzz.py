@@ -9,9 +9,8 @@ import threading
 import grpc
 import pytest
 
-from cluster.serving.driver import last_delta
 from specdec.v1 import generation_pb2 as pb
-from tests.api.conftest import FAULT_SEED, PROMPT, start_server
+from tests.api.conftest import FAULT_SEED, PROMPT, full_batch_runs_at_once, start_server
 
 HTTP_CASES, GRPC_CASES = 400, 200
 KEYS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
@@ -152,18 +151,5 @@ def test_fuzzing_never_fails_the_server_or_other_streams(fuzz_server, make_engin
     assert normal_runs[0] >= 3 and faults >= 1
     assert served >= 50  # the fuzz reaches generation, not only validation
     assert server.wait_idle() == 0
-    engine = server.engine
-    size = engine.config.limits.max_batch_size
-    peak, step = [0], engine.step
-
-    def watched():
-        out = step()
-        peak[0] = max(peak[0], len(engine.running))
-        return out
-
-    engine.step = watched
-    try:
-        finals = [last_delta(s) for s in server.driver.stream_many([(PROMPT, engine.default_params(max_tokens=24))] * size)]
-    finally:
-        del engine.step
-    assert all(f.full_text == expected for f in finals) and peak[0] == size
+    finals = full_batch_runs_at_once(server, max_tokens=24)
+    assert all(f.full_text == expected for f in finals)

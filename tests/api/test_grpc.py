@@ -8,13 +8,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.drafters.ngram import NgramDrafter
 from cluster.engine import SpecEngine
 from cluster.serving.driver import EngineDriver
 from deployments.grpc_ingress import SERVICE, build_server
 from specdec.v1 import generation_pb2 as pb
 from specdec.v1 import generation_pb2_grpc as pb_grpc
 from tools.gen_proto import generate
+from tests.api.conftest import SlowDrafter
 
 PROMPT = "class Parser:\n    def __init__(self, text):\n"
 
@@ -111,19 +111,10 @@ def test_bad_input_is_invalid_argument_naming_the_field(served, fields, field):
     assert stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=3)).completion_tokens == 3
 
 
-class _SlowDrafter(NgramDrafter):
-    """Prompt lookup that takes 20 ms a step, like a real draft model: a 200-token request then runs for
-    seconds, so these tests measure cancellation instead of racing a 1 ms tiny-model step."""
-
-    def propose(self, batch):
-        time.sleep(0.02)
-        return super().propose(batch)
-
-
 @pytest.fixture(scope="module")
 def slow(make_engine):
     base = make_engine("ngram", k=3, max_tokens=400, max_model_len=512)
-    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=_SlowDrafter())
+    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=SlowDrafter(0.02))
     driver, server, channel = _serve(engine)
     yield driver, pb_grpc.GenerationStub(channel)
     channel.close()
@@ -167,7 +158,7 @@ def test_deadline_stops_generation(slow):
 def test_cancelling_a_waiting_request_removes_it(make_engine):
     """With the only slot busy, a second stream waits; cancelling it removes it from the queue."""
     base = make_engine("ngram", k=3, max_tokens=400, max_model_len=512, max_batch_size=1)
-    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=_SlowDrafter())
+    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=SlowDrafter(0.02))
     driver, server, channel = _serve(engine)
     try:
         stub = pb_grpc.GenerationStub(channel)

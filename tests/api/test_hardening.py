@@ -12,10 +12,9 @@ import grpc
 import pytest
 import yaml
 
-from cluster.serving.driver import last_delta
 from deployments.server import SpecDecServer
 from specdec.v1 import generation_pb2 as pb
-from tests.api.conftest import FAULT_SEED, PROMPT
+from tests.api.conftest import FAULT_SEED, PROMPT, full_batch_runs_at_once
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -66,29 +65,7 @@ def test_a_request_failing_inside_the_server_fails_alone(server, reference):
     assert all(s == 200 and b["choices"][0]["text"] == expected.text for s, b in results.values())
     assert server.wait_idle() == 0  # its slot and sequences were freed
     assert server.engine.metrics.value("specdec_request_errors_total") >= 2
-    _full_batch_runs_at_once(server)
-
-
-def _full_batch_runs_at_once(server):
-    """max_batch_size requests submitted together are all running in one step: capacity is back to full."""
-    engine = server.engine
-    size = engine.config.limits.max_batch_size
-    assert engine.target.backend.cache.num_free == size
-    peak, step = [0], engine.step
-
-    def watched():
-        out = step()
-        peak[0] = max(peak[0], len(engine.running))
-        return out
-
-    engine.step = watched
-    try:
-        streams = server.driver.stream_many([(PROMPT, engine.default_params(max_tokens=48))] * size)
-        finals = [last_delta(s) for s in streams]
-    finally:
-        del engine.step
-    assert all(f is not None and f.finish_reason in ("length", "eos") for f in finals)
-    assert peak[0] == size
+    full_batch_runs_at_once(server)
 
 
 # --- 2. safe defaults -----------------------------------------------------------------------------

@@ -10,27 +10,18 @@ import urllib.request
 import pytest
 import uvicorn
 
-from cluster.drafters.ngram import NgramDrafter
 from cluster.engine import SpecEngine
 from cluster.serving.driver import EngineDriver
 from deployments import openai_api
+from tests.api.conftest import SlowDrafter
 
 PROMPT = "class Parser:\n    def __init__(self, text):\n"
-
-
-class _SlowDrafter(NgramDrafter):
-    """Prompt lookup that takes 10 ms a step, like a real draft model: a full generation then takes
-    seconds, so the test measures cancellation instead of racing a 1 ms tiny-model step."""
-
-    def propose(self, batch):
-        time.sleep(0.01)
-        return super().propose(batch)
 
 
 @pytest.fixture(scope="module")
 def http(make_engine):
     base = make_engine("ngram", k=3, max_tokens=200)
-    engine = SpecEngine(base.config, model=base.target.backend.model, tokenizer=base.tokenizer, drafter=_SlowDrafter())
+    engine = SpecEngine(base.config, model=base.target.backend.model, tokenizer=base.tokenizer, drafter=SlowDrafter(0.01))
     driver = EngineDriver(engine)
     openai_api.configure(driver, "tiny", api_key="s3cret")
     with socket.socket() as s:

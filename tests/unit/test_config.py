@@ -52,3 +52,30 @@ def test_missing_model_directory_names_path(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_validating_a_config_imports_no_torch():
+    """The config <-> registry <-> loader cycle is broken: validation never touches model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cluster.config import load_config; "
+            "[load_config(f'configs/{n}.yaml', check_paths=False) for n in ('default', 'k8s', 'bench_qwen_coder')]; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("target: {path: x}\ndrafter: {kind: ngram, ngram: {ngram_min: 5, ngram_max: 2}}", "drafter.ngram.ngram_min"),
+    ("target: {path: x}\ndrafter: {kind: ngram, model: {path: y}}", "drafter.model"),
+    ("target: {path: x}\ndrafter: {kind: model, model: {path: y, confidence_threshold: 2}}",
+     "drafter.model.confidence_threshold"),
+    ("target: {path: x}\ndrafter: {kind: model, model: {path: y, dtyp: float32}}", "drafter.model.dtyp"),
+    ("target: {path: x}\ndrafter: {kind: ngram, ngram_min: 1}", "drafter.ngram_min"),
+    ("target: {path: x}\nspeculation: {rule: magic}", "speculation.rule"),
+])
+def test_each_drafter_kind_has_its_own_section(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text), check_paths=False)
+    assert str(err.value).startswith(key), str(err.value)

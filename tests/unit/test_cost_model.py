@@ -121,3 +121,9 @@ def test_pipelining_splits_the_batch_when_drafting_costs_a_real_share():
     for s in seqs:
         s.proposal = None
     assert not sched.schedule().pipelined  # free drafts: one group, verified every step
+
+
+def test_a_marginal_gain_is_not_taken():
+    model = CostModel(CostCurve(0.05, 0.0, 0.004), DraftCost(0.0, 0.0, 0.0))
+    assert model.choose([0.3], [8]).ks != [0]  # a small predicted gain
+    assert model.choose([0.3], [8], min_gain=0.25).ks == [0]  # 21% predicted: below the margin, plain decoding

@@ -77,3 +77,13 @@ def test_recursive_rejection_keeps_the_distribution(name):
     _assert_distributed_as(emitted, P)
     if name == "two-disjoint":
         assert accepted < len(emitted) * 0.1  # p gives most of these drafts little or no mass
+
+
+def test_flat_verify_metadata():
+    from cluster.core.messages import VerifyMetadata
+
+    meta = VerifyMetadata.make_dummy([2, 0, 3])
+    assert meta.width == 4 and meta.num_draft == [2, 0, 3] and meta.cu_num_draft == [0, 2, 2, 5]
+    assert meta.draft_token_ids == [0, 1, 2, 3, 4]
+    assert meta.target_logits_indices == [0, 1, 8, 9, 10] and meta.bonus_logits_indices == [2, 4, 11]
+    assert meta.padded() == [[0, 1, -1], [-1, -1, -1], [2, 3, 4]]

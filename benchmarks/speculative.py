@@ -11,6 +11,7 @@ prints one JSON object instead.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.exactness import teacher_forced_check
 from cluster.config import load_config
 from cluster.engine import SpecEngine
+from cluster.models.loader import load_model
 from cluster.sampling.theory import expected_speedup, expected_tokens_per_pass
 from cluster.types import SamplingParams
 
@@ -61,8 +64,10 @@ def run_hf(model, tokenizer, prompts: list[str], max_tokens: int, **kwargs) -> d
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--k", type=int, default=None, help="draft length (default: from config)")
-    parser.add_argument("--adaptive", action="store_true", help="adapt K per request (default: fixed K)")
+    parser.add_argument("--k", type=int, default=None, help="a fixed draft length (default: the config's policy, "
+                        "the cost model when speculation.adaptive is on)")
+    parser.add_argument("--dtype", default=None, help="target and draft dtype (default: the config's; auto is "
+                        "bf16 where the hardware has it)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -73,12 +78,16 @@ def main(argv=None) -> dict:
 
     config = load_config(args.config)
     spec_cfg = config.speculation
-    spec_cfg.k = spec_cfg.k if args.k is None else args.k
+    if args.k is not None:
+        spec_cfg.k, spec_cfg.adaptive = args.k, False
     spec_cfg.k_max = max(spec_cfg.k_max, spec_cfg.k)
-    spec_cfg.adaptive = args.adaptive
+    if args.dtype:
+        config.target.dtype = args.dtype
+        if hasattr(config.drafter.section, "dtype"):
+            config.drafter.section.dtype = args.dtype
     spec = SpecEngine(config)
     base_config = dataclasses.replace(config, speculation=dataclasses.replace(spec_cfg, k=0))
-    base = SpecEngine(base_config, model=spec.target.runner.model, tokenizer=spec.tokenizer)
+    base = SpecEngine(base_config, model=spec.target.backend.model, tokenizer=spec.tokenizer)
     prompts = load_prompts(spec.tokenizer, args.raw)[: args.limit]
 
     for engine in (base, spec):  # warm-up: first calls allocate caches and pick kernels
@@ -102,7 +111,9 @@ def main(argv=None) -> dict:
     theory_v = expected_speedup(a, k_mean, c, verify_cost)
     result = {
         "target": Path(config.target.path).name,
-        "drafter": config.drafter.kind if config.drafter.kind != "model" else Path(config.drafter.model.path).name,
+        "drafter": config.drafter.kind if config.drafter.kind != "model" else Path(config.drafter.section.path).name,
+        "dtype": str(spec.target.backend.dtype).removeprefix("torch."),
+        "backend": spec.target.backend.name,
         "k": spec_cfg.k,
         "adaptive": spec_cfg.adaptive,
         "prompts": len(prompts),
@@ -122,14 +133,23 @@ def main(argv=None) -> dict:
         "efficiency_vs_measured_verify": round(speedup / theory_v, 3) if theory_v else 0.0,
         "greedy_exact": s["outputs"] == b["outputs"],
     }
+    # In a reduced dtype, exact means: every emitted token is the target's argmax in a dense teacher-forced
+    # pass, except at near-ties (benchmarks/exactness.py). Counted over the speculative outputs.
+    check = {"positions": 0, "near_ties": 0, "mismatches": 0}
+    for prompt, out in zip(prompts, s["outputs"]):
+        for key, value in teacher_forced_check(spec.target.backend.model, spec.tokenizer.encode(prompt), out).items():
+            check[key] += value
+    result["teacher_forced"] = check
+    result["near_tie_rate"] = round(check["near_ties"] / max(check["positions"], 1), 4)
+    result["exact"] = check["mismatches"] == 0
     if not args.no_hf:
-        model, tok = spec.target.runner.model, spec.tokenizer
+        model, tok = spec.target.backend.model, spec.tokenizer
         gen_cfg = model.generation_config
         gen_cfg.pad_token_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else tok.eos_token_id
         if config.drafter.kind == "model":
-            assisted = {"assistant_model": spec.drafter.drafter.runner.model}
+            assisted = {"assistant_model": spec.drafter.drafter.backend.model}
         else:
-            assisted = {"prompt_lookup_num_tokens": max(spec_cfg.k, 1)}
+            assisted = {"prompt_lookup_num_tokens": max(spec_cfg.k, 3)}
         run_hf(model, tok, prompts[:1], 8)  # warm-up
         run_hf(model, tok, prompts[:1], 8, **assisted)
         for name, kwargs in (("hf_plain", {}), ("hf_assisted", assisted)):
@@ -143,6 +163,18 @@ def main(argv=None) -> dict:
                 "greedy_exact": h["outputs"] == b["outputs"],
             }
         result["speedup_vs_hf_assisted"] = round(tps_spec / result["hf_assisted"]["tokens_per_s"], 3)
+        # Plain HF generate in fp32 (what users run today) and in bf16, same prompts, same run.
+        for dtype in ("float32", "bfloat16"):
+            cfg = copy.deepcopy(config.target)
+            cfg.dtype = dtype
+            other = load_model(cfg)
+            other.generation_config.pad_token_id = gen_cfg.pad_token_id
+            run_hf(other, tok, prompts[:1], 8)
+            h = run_hf(other, tok, prompts, args.max_tokens)
+            result[f"hf_plain_{'fp32' if dtype == 'float32' else 'bf16'}"] = {
+                "tokens_per_s": round(h["tokens"] / h["seconds"], 2),
+                "speedup_of_speculative": round(tps_spec / (h["tokens"] / h["seconds"]), 3)}
+            del other
     if args.json:
         print(json.dumps(result))
     else:

@@ -8,20 +8,25 @@ from pathlib import Path
 
 from cluster.errors import ConfigError, ModelNotFoundError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "lean", "hf")
 
 
 @dataclass
 class ModelConfig:
     path: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 where the hardware has fast bf16 (AMX / avx512_bf16 CPUs, GPUs), else float32
     gguf_file: str | None = None  # load a GGUF file inside `path` instead of safetensors
+    backend: str = "auto"  # auto: the lean forward where it covers the model, else Hugging Face eager (logged)
+    device: str = "auto"  # auto: where the worker runs (cuda if it has a GPU); or cpu, cuda, cuda:1, ...
 
     def validate(self, key: str) -> None:
         if not self.path:
             raise ConfigError(f"{key}.path: required")
         if self.dtype not in DTYPES:
             raise ConfigError(f"{key}.dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{key}.backend: {self.backend!r} is not one of {BACKENDS}")
 
     def resolve(self, base: Path) -> None:
         """Relative paths are relative to the config file that names them."""

@@ -23,10 +23,10 @@ def make_engine(tiny_models):
     """make_engine(kind, k, draft='draft_noisy', adaptive, rule, **limits) -> SpecEngine over the tiny target."""
 
     def factory(kind: str = "ngram", k: int = 4, draft: str = "draft_noisy", adaptive: bool = False,
-                rule: str = "coupled", **limits):
+                rule: str = "coupled", backend: str = "auto", dtype: str = "float32", **limits):
         config = EngineConfig(
-            target=ModelConfig(str(tiny_models["target"])),
-            drafter=drafter_config(tiny_models, kind, draft),
+            target=ModelConfig(str(tiny_models["target"]), dtype=dtype, backend=backend),
+            drafter=drafter_config(tiny_models, kind, draft, backend, dtype),
             speculation=SpeculationConfig(k=k, k_max=8, adaptive=adaptive, rule=rule),
         )
         for key, value in limits.items():
@@ -36,7 +36,9 @@ def make_engine(tiny_models):
     return factory
 
 
-def drafter_config(tiny_models, kind: str, draft: str = "draft_noisy") -> DrafterConfig:
+def drafter_config(tiny_models, kind: str, draft: str = "draft_noisy", backend: str = "auto",
+                   dtype: str = "float32") -> DrafterConfig:
     if kind == "model":
-        return DrafterConfig("model", {"model": ModelDrafterConfig(str(tiny_models[draft]))})
+        return DrafterConfig("model", {"model": ModelDrafterConfig(str(tiny_models[draft]), dtype=dtype,
+                                                                   backend=backend)})
     return DrafterConfig(kind)

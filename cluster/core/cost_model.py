@@ -111,8 +111,9 @@ class StepTimer:
         self.steps = 0
 
     def predict(self, verify_s: float, draft_s: float) -> float:
+        """Never below half the curves' own estimate: an early fit may stray, the compute does not vanish."""
         x = (1.0, verify_s, draft_s)
-        return max(sum(t * v for t, v in zip(self.theta, x)), 0.0)
+        return max(sum(t * v for t, v in zip(self.theta, x)), 0.5 * (verify_s + draft_s), 1e-6)
 
     def observe(self, verify_s: float, draft_s: float, measured_s: float) -> None:
         x = (1.0, verify_s, draft_s)
@@ -172,7 +173,7 @@ class CostModel:
             tokens, step, verify, draft = tokens - neg_gain, new_step, new_verify, new_draft
             if ks[i] < caps[i]:
                 heapq.heappush(heap, (-(alphas[i] ** (ks[i] + 1)), i))
-        if min_gain and tokens / step < (1 + min_gain) * plain.tokens / max(plain.step_s, 1e-12):
+        if min_gain and tokens / max(step, 1e-12) < (1 + min_gain) * plain.tokens / max(plain.step_s, 1e-12):
             return plain
         return Budgets(ks, tokens, verify, draft, step)
 

@@ -107,9 +107,9 @@ class ModelDrafter(Drafter):
 
 
 def build(section, context) -> ModelDrafter:
-    from cluster.models.loader import load_model
+    from cluster.models.loader import build_backend, load_model
 
-    backend = HFBackend(load_model(section, context.device), context.num_slots, context.capacity)
+    backend = build_backend(load_model(section, context.device), section, context.num_slots, context.capacity)
     if backend.vocab_size != context.target_vocab:
         raise ValueError(f"drafter.model: vocabulary {backend.vocab_size} != target's {context.target_vocab}")
     return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)

@@ -47,6 +47,18 @@ class SlotKVCache:
             raise ValueError(f"cannot roll slot {slot} of length {self.lengths[slot]} back to {length}")
         self.lengths[slot] = length
 
+    def reserve(self, slot: int, length: int) -> None:
+        """Room for positions [0, length): a slot always has its whole capacity."""
+        if length > self.capacity:
+            raise ValueError(f"KV cache overflow: {length} positions > capacity {self.capacity}")
+
+    def slot_bytes(self, slot: int) -> int:
+        """KV memory a sequence holds: its whole slot, whatever its length."""
+        if not self.keys:
+            return 0
+        per_layer = self.keys[0][0].numel() * self.keys[0].element_size()
+        return 2 * per_layer * len(self.keys)
+
     # --- the view a model forward writes through --------------------------------------------
     def batch_view(self, slots: list[int], num_new: int) -> _BatchView:
         starts = [self.lengths[s] for s in slots]

@@ -21,13 +21,19 @@ class SamplingTensors:
     top_k: torch.Tensor  # [B] long; 0 = off
     top_p: torch.Tensor  # [B] float; 1 = off
     logit_bias: torch.Tensor | None = None  # [B, V] added to the logits; None: no row has a bias
+    # Known on the host when built, so a pass never waits on the device to branch:
+    all_greedy: bool = False
+    any_greedy: bool = False
+    any_filter: bool = True
 
     @staticmethod
     def make(temperature, top_k=None, top_p=None, logit_bias=None, device="cpu") -> SamplingTensors:
-        t = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1)
-        k = torch.zeros_like(t, dtype=torch.long) if top_k is None else torch.as_tensor(top_k, device=device)
-        p = torch.ones_like(t) if top_p is None else torch.as_tensor(top_p, dtype=torch.float32, device=device)
-        return SamplingTensors(t, k.long().reshape(-1), p.reshape(-1), logit_bias)
+        t = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1)
+        k = (torch.zeros_like(t, dtype=torch.long) if top_k is None else torch.as_tensor(top_k)).long().reshape(-1)
+        p = (torch.ones_like(t) if top_p is None else torch.as_tensor(top_p, dtype=torch.float32)).reshape(-1)
+        greedy = t == 0
+        return SamplingTensors(t.to(device), k.to(device), p.to(device), logit_bias, bool(greedy.all()),
+                               bool(greedy.any()), bool(((k > 0) | (p < 1)).any()))
 
     @staticmethod
     def from_params(params: list, vocab: int, device) -> SamplingTensors:
@@ -43,12 +49,10 @@ class SamplingTensors:
         return st
 
     def rows(self, index: torch.Tensor) -> SamplingTensors:
+        """The rows in `index` (their host-side flags stay conservative: a subset of the same rows)."""
         return SamplingTensors(self.temperature[index], self.top_k[index], self.top_p[index],
-                               None if self.logit_bias is None else self.logit_bias[index])
-
-    @property
-    def all_greedy(self) -> bool:
-        return bool((self.temperature == 0).all())
+                               None if self.logit_bias is None else self.logit_bias[index],
+                               self.all_greedy, self.any_greedy, self.any_filter)
 
 
 class TokenHistory:
@@ -68,15 +72,17 @@ class TokenHistory:
         self.repetition = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
         self.min_tokens = torch.tensor([p.min_tokens for p in params], device=device)
         self.output_len = torch.tensor([len(t) - n for t, n in rows], device=device)
-        self.counts = torch.zeros(b, vocab, device=device)  # occurrences in the output
-        self.seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)  # in prompt or output
+        counts = torch.zeros(b, vocab)  # occurrences in the output (built on the host, then moved)
+        seen = torch.zeros(b, vocab, dtype=torch.bool)  # in prompt or output
         for row, (tokens, num_prompt) in enumerate(rows):
-            out = torch.tensor(tokens[num_prompt:], dtype=torch.long, device=device)
+            out = torch.tensor(tokens[num_prompt:], dtype=torch.long)
             if len(out):
-                self.counts[row] += torch.bincount(out, minlength=vocab)[:vocab].float()
+                counts[row] += torch.bincount(out, minlength=vocab)[:vocab].float()
             if tokens:
-                self.seen[row, torch.tensor(tokens, dtype=torch.long, device=device)] = True
+                seen[row, torch.tensor(tokens, dtype=torch.long)] = True
+        self.counts, self.seen = counts.to(device), seen.to(device)
         self.suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
+        self.holds_off = any(p.min_tokens for p in params)  # known on the host: no device sync to branch
 
     def apply(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Adjust logits [b, V] at the current position, for all rows or the rows in `index`."""
@@ -88,7 +94,7 @@ class TokenHistory:
         logits = logits - self.frequency[sel].unsqueeze(-1) * counts
         logits = logits - self.presence[sel].unsqueeze(-1) * (counts > 0).float()
         below = (self.output_len[sel] < self.min_tokens[sel]).unsqueeze(-1)
-        if len(self.suppress) and bool(below.any()):
+        if len(self.suppress) and self.holds_off:
             hold = torch.zeros_like(seen)
             hold[:, self.suppress] = True
             logits = logits.masked_fill(below & hold, float("-inf"))
@@ -98,10 +104,10 @@ class TokenHistory:
         """Append one token per row (or per row in `index`); a negative token appends nothing."""
         rows = torch.arange(len(self.counts), device=self.device) if index is None else index
         real = tokens >= 0
-        rows, tokens = rows[real], tokens[real]
-        self.counts[rows, tokens] += 1
-        self.seen[rows, tokens] = True
-        self.output_len[rows] += 1
+        tok = tokens.clamp(min=0)
+        self.counts.index_put_((rows, tok), real.float(), accumulate=True)
+        self.seen[rows, tok] = self.seen[rows, tok] | real
+        self.output_len.index_put_((rows,), real.long(), accumulate=True)
 
 
 def adjust_logits(logits: torch.Tensor, st: SamplingTensors, history: TokenHistory | None = None,
@@ -128,14 +134,14 @@ def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor
     the sampling rule with one-hot p); top_k == 0 and top_p == 1 switch those filters off."""
     extra = (1,) * (logits.dim() - 2)  # broadcast per-row params over middle (position) dims
     greedy = (st.temperature == 0).view(-1, *extra, 1)
-    if bool(greedy.all()):  # the common serving case: skip softmax and filters entirely
+    if st.all_greedy:  # the common serving case: skip softmax and filters entirely
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     t = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature)).view(-1, *extra, 1)
     scaled = logits / t
-    if bool(((st.top_k > 0) | (st.top_p < 1)).any()):
+    if st.any_filter:
         scaled = _filter_top_k_top_p(scaled, st.top_k.view(-1, *extra, 1), st.top_p.view(-1, *extra, 1))
     probs = torch.softmax(scaled, dim=-1)
-    if bool(greedy.any()):
+    if st.any_greedy:
         one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy, one_hot, probs)
     return probs

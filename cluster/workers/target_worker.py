@@ -22,8 +22,8 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.core.messages import Prefill, Proposal, Verdict, VerifyMetadata, VerifyTask
-from cluster.models.backend import HFBackend, Row
-from cluster.models.loader import load_model
+from cluster.models.backend import Row
+from cluster.models.loader import build_backend, load_model
 from cluster.requests import eos_ids
 from cluster.sampling import keyed
 from cluster.sampling.acceptance import (
@@ -75,7 +75,7 @@ class TargetWorker:
         if rule not in RULES:
             raise ValueError(f"rule: {rule!r} is not one of {RULES}")
         model = model if model is not None else load_model(model_cfg, device)
-        self.backend = HFBackend(model, num_slots, capacity)
+        self.backend = build_backend(model, model_cfg, num_slots, capacity)
         self.rule = rule
         self.eos_ids = sorted(eos_ids(model) | set(extra_eos))  # held off below min_tokens
         self.seqs: dict[str, _TargetSeq] = {}

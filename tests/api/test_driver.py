@@ -9,7 +9,8 @@ import yaml
 from cluster.serving.driver import EngineDriver, last_delta
 from deployments.api import chat_prompt
 from deployments.server import SpecDecServer
-from tests.api.conftest import PROMPT, start_server
+from cluster.engine import SpecEngine
+from tests.api.conftest import PROMPT, SlowDrafter, start_server
 
 
 def test_a_failing_step_fails_every_request_in_flight_and_the_driver_goes_on(make_engine):
@@ -36,7 +37,7 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_driver_goes_on(mak
 
 def test_health_check_sees_a_dead_driver(tiny_models, tmp_path):
     config = tmp_path / "engine.yaml"
-    config.write_text(yaml.safe_dump({"target": {"path": str(tiny_models["target"])}, "drafter": {"kind": "ngram"},
+    config.write_text(yaml.safe_dump({"target": {"path": str(tiny_models["target"]), "dtype": "float32"}, "drafter": {"kind": "ngram"},
                                       "speculation": {"k": 2}}))
     server = SpecDecServer(str(config), grpc_port=0, engine="local")
     try:
@@ -50,13 +51,17 @@ def test_health_check_sees_a_dead_driver(tiny_models, tmp_path):
 
 
 def test_overload_is_429(make_engine):
-    engine = make_engine("ngram", k=2, max_batch_size=1, max_waiting=1, max_tokens=400, max_model_len=512)
+    base = make_engine("ngram", k=2, max_batch_size=1, max_waiting=1, max_tokens=400, max_model_len=512)
+    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=SlowDrafter(0.02))
     server, stop = start_server(engine)
     try:
-        busy = [server.driver.stream(PROMPT, engine.default_params(max_tokens=400)) for _ in range(2)]
+        long = engine.default_params(max_tokens=400, logit_bias=tuple((e, -100.0) for e in engine.eos_ids))
+        running = server.driver.stream(PROMPT, long)
+        next(running)  # it holds the only slot
+        waiting = server.driver.stream(PROMPT, long)  # and this one the only place in the queue
         status, body = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
         assert status == 429 and body["error"]["type"] == "rate_limit_error"
-        for s in busy:
+        for s in (running, waiting):
             s.close()
         assert server.wait_idle() == 0
     finally:

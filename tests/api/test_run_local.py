@@ -30,8 +30,8 @@ def _post(url: str, body: dict, timeout: float = 60):
 def test_run_local_binds_loopback_and_drains_on_sigint(tiny_models, tmp_path):
     config = tmp_path / "engine.yaml"
     config.write_text(yaml.safe_dump({
-        "target": {"path": str(tiny_models["target"])},
-        "drafter": {"kind": "model", "model": {"path": str(tiny_models["draft_noisy"])}},
+        "target": {"path": str(tiny_models["target"]), "dtype": "float32"},
+        "drafter": {"kind": "model", "model": {"path": str(tiny_models["draft_noisy"]), "dtype": "float32"}},
         "speculation": {"k": 3, "adaptive": False},
         "limits": {"max_batch_size": 4, "max_model_len": 512, "max_tokens": 400},
         "cluster": {"target_pool": {"num_cpus": 0, "torch_threads": 1, "resources": {"target_node": 1}},

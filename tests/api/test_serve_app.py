@@ -30,8 +30,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def app(tiny_models, tmp_path_factory):
     config = {
-        "target": {"path": str(tiny_models["target"])},
-        "drafter": {"kind": "model", "model": {"path": str(tiny_models["draft_noisy"])}},
+        "target": {"path": str(tiny_models["target"]), "dtype": "float32"},
+        "drafter": {"kind": "model", "model": {"path": str(tiny_models["draft_noisy"]), "dtype": "float32"}},
         "speculation": {"k": 3, "adaptive": False},
         "sampling": {"max_tokens": 16},
         "limits": {"max_batch_size": 4, "max_model_len": 128, "max_tokens": 64},

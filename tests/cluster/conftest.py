@@ -13,7 +13,7 @@ def cluster_config(tiny_models, *, k=3, kind="model", draft="draft_noisy", repli
                    adaptive=False, rule="coupled", **limits) -> EngineConfig:
     pool = dict(replicas=replicas, num_cpus=0, torch_threads=1)
     config = EngineConfig(
-        target=ModelConfig(str(tiny_models["target"])),
+        target=ModelConfig(str(tiny_models["target"]), dtype="float32"),
         drafter=drafter_config(tiny_models, kind, draft),
         speculation=SpeculationConfig(k=k, k_max=8, adaptive=adaptive, rule=rule),
         cluster=ClusterConfig(

@@ -1,0 +1,96 @@
+"""The lean backend against the eager one: same logits (ragged batches, trees, rollback, tree commits),
+paged memory that follows lengths, and exact speculative decoding through it."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cluster.models.backend import HFBackend, Row
+from cluster.models.lean import LeanBackend, supports
+from cluster.types import SamplingParams
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 0.15}
+
+
+def _pair(tiny_models, dtype=torch.float32):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True, dtype=dtype).eval()
+    lean_model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True, dtype=dtype).eval()
+    return HFBackend(hf, 4, 128), LeanBackend(lean_model, 4, 128, block_size=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_logits_equal_eager_for_ragged_batches_trees_and_rollback(tiny_models, dtype):
+    eager, lean = _pair(tiny_models, dtype)
+    assert supports(lean.model) is None
+    tol = TOL[dtype]
+    for backend in (eager, lean):
+        backend.slots = [backend.cache.allocate() for _ in range(3)]
+    prompts = [[5, 17, 40, 22, 9], [3], [8, 8, 8, 8, 8, 8, 8, 8, 1, 2, 3]]
+    outs = [b.forward([Row(s, p) for s, p in zip(b.slots, prompts)]).logits for b in (eager, lean)]
+    for i, p in enumerate(prompts):  # padding positions are never compared
+        assert (outs[0][i, : len(p)] - outs[1][i, : len(p)]).abs().max() < tol
+    # A tree verify on row 0, a chain on row 1, one token on row 2.
+    rows = lambda b: [Row(b.slots[0], [22, 7, 9, 11, 4], [-1, 0, 0, 2, 2]), Row(b.slots[1], [6, 2, 9]),  # noqa: E731
+                      Row(b.slots[2], [5])]
+    starts = [list(b.cache.lengths) for b in (eager, lean)]
+    outs = [b.forward(rows(b)).logits for b in (eager, lean)]
+    for i, n in enumerate((5, 3, 1)):
+        assert (outs[0][i, :n] - outs[1][i, :n]).abs().max() < tol
+    for b, st in zip((eager, lean), starts):  # keep the tree path 0 -> 2 -> 4, one chain token, roll back the rest
+        b.commit(b.slots[0], st[b.slots[0]], [0, 2, 4])
+        b.commit(b.slots[1], st[b.slots[1]], [0, 1])
+        b.commit(b.slots[2], st[b.slots[2]], [])
+    outs = [b.forward([Row(s, [13]) for s in b.slots], last_only=True).logits for b in (eager, lean)]
+    assert (outs[0] - outs[1]).abs().max() < tol
+    reference = eager.model(torch.tensor([prompts[0] + [22, 9, 4, 13]])).logits[0, -1]
+    assert (outs[1][0] - reference.float()).abs().max() < tol * 2
+
+
+def test_paged_memory_follows_lengths(tiny_models):
+    _, lean = _pair(tiny_models)
+    cache = lean.cache
+    a, b = cache.allocate(), cache.allocate()
+    lean.forward([Row(a, list(range(10))), Row(b, [1, 2])])
+    assert len(cache.tables[a]) == 3 and len(cache.tables[b]) == 1  # blocks of 4: 10 and 2 positions
+    assert cache.slot_bytes(a) == 3 * cache.bytes_per_block() > cache.slot_bytes(b) > 0
+    cache.truncate(a, 4)
+    assert len(cache.tables[a]) == 1  # rollback returns whole blocks to the pool
+    used = cache.blocks_in_use
+    cache.free(a)
+    cache.free(b)
+    assert cache.blocks_in_use == used - 2 == 0
+    c = cache.allocate()  # blocks are reused
+    lean.forward([Row(c, [1, 2, 3])])
+    assert cache.blocks_in_use == 1
+
+
+def test_speculative_decoding_through_the_lean_backend_is_exact(make_engine, tiny_models):
+    prompts = ["def add(a, b):\n    return", "import os\n", "x", "class A:\n"]
+    expected = make_engine("ngram", k=0).generate(prompts, SamplingParams(max_tokens=24))
+    engine = make_engine("model", k=4, draft="draft_noisy", backend="lean")
+    assert engine.target.backend.name == "lean" and engine.drafter.drafter.backend.name == "lean"
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=24))
+    assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, seed=5)
+    assert engine.generate(prompts, sampled)[0].token_ids == make_engine("ngram", k=0).generate(prompts, sampled)[0].token_ids
+    assert engine.target.backend.cache.blocks_in_use == 0  # every block back in the pool
+
+
+def test_bf16_speculative_greedy_is_the_targets_argmax_outside_near_ties(make_engine, tiny_models):
+    """bf16 target and draft (the lean backend): every emitted token is the argmax of a dense teacher-forced
+    bf16 pass, except at counted near-ties (top-2 gap below the bf16 tolerance)."""
+    from benchmarks.exactness import teacher_forced_check
+
+    engine = make_engine("model", k=4, draft="draft_noisy", dtype="bfloat16")
+    assert engine.target.backend.dtype == torch.bfloat16 and engine.target.backend.name == "lean"
+    prompts = ["def add(a, b):\n    return", "import os\n", "x", "class A:\n", "for i in range(10):\n"]
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=32))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True,
+                                                     dtype=torch.bfloat16).eval()
+    totals = {"positions": 0, "near_ties": 0, "mismatches": 0}
+    for prompt, out in zip(prompts, outputs):
+        for key, value in teacher_forced_check(reference, engine.tokenizer.encode(prompt), out.token_ids).items():
+            totals[key] += value
+    assert totals["mismatches"] == 0, totals
+    assert totals["near_ties"] <= totals["positions"] // 10, totals
+    assert engine.stats.accepted > 0

@@ -46,18 +46,33 @@ class DrafterConfig:
                 continue
             if name not in DRAFTERS:
                 raise ConfigError(f"{_join(key, name)}: unknown key; known: kind, {', '.join(sorted(DRAFTERS))}")
-            if name != kind:
-                raise ConfigError(f"{_join(key, name)}: a section for kind {name!r}, but kind is {kind!r}")
             sections[name] = from_dict(DRAFTERS[name].config, value or {}, _join(key, name))
-        return cls(kind, sections)
+        config = cls(kind, sections)
+        config.check_sections(key)
+        return config
+
+    def kinds_in_use(self) -> list[str]:
+        """The chosen kind, and for a multi drafter its members."""
+        if self.kind == "multi":
+            return ["multi", *(self.section.members or [])]
+        return [self.kind]
+
+    def check_sections(self, key: str) -> None:
+        for name in self.sections:
+            if name not in self.kinds_in_use():
+                raise ConfigError(f"{key}.{name}: a section for kind {name!r}, but kind is {self.kind!r}")
 
     def validate(self, key: str, check_paths: bool = False) -> None:
         if self.kind not in DRAFTERS:
             raise UnknownDrafterError(f"{key}.kind: unknown drafter {self.kind!r}; known: {sorted(DRAFTERS)}")
-        for name in self.sections:
-            if name != self.kind:
-                raise ConfigError(f"{key}.{name}: a section for kind {name!r}, but kind is {self.kind!r}")
         self.section.validate(f"{key}.{self.kind}", check_paths)
+        for name in self.kinds_in_use():
+            if name not in DRAFTERS:
+                raise UnknownDrafterError(f"{key}.multi.members: unknown drafter {name!r}; known: {sorted(DRAFTERS)}")
+            if name not in self.sections:
+                self.sections[name] = DRAFTERS[name].config()
+            self.sections[name].validate(f"{key}.{name}", check_paths)
+        self.check_sections(key)
 
 
 @dataclass

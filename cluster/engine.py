@@ -359,9 +359,10 @@ class SpecEngine(Engine):
         self.drafter = None
         if spec.k > 0:
             context = BuildContext(limits.max_batch_size, capacity, target.vocab_size, eos_ids=tuple(target.eos_ids),
-                                   rule=spec.rule)
+                                   rule=spec.rule, target=config.target, target_model=target.backend.model,
+                                   sections=config.drafter.sections)
             self.drafter = DraftWorker(config.drafter.kind, config.drafter.section, context, drafter=drafter)
         curve = target.calibrate() if spec.calibrate and spec.k > 0 else None
-        sequential = self.drafter is not None and hasattr(self.drafter.drafter, "backend")
+        sequential = self.drafter is not None and config.drafter.kind in ("model", "layerskip")
         super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
                          target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)

@@ -30,3 +30,45 @@ class ModelDrafterConfig(ModelConfig):
             raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
         if check_paths:
             check_model_dir(key, self)
+
+
+@dataclass
+class SuffixConfig:
+    """Search drafting over each request, recent outputs and an optional corpus."""
+
+    max_context: int = 8  # longest context (tokens) the indexes match
+    alpha: float = 2.0  # a draft goes no deeper than alpha x the matched context length
+    min_score: float = 0.1  # a node's path frequency must reach this
+    max_width: int = 3  # children per node at most
+    shared_requests: int = 256  # recent requests whose outputs are in the shared index
+    corpus_glob: str = ""  # files to index once at start (relative to the working directory), e.g. "**/*.py"
+    corpus_tokens: int = 2_000_000
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        if self.max_context < 1 or self.max_width < 1 or self.shared_requests < 0 or self.corpus_tokens < 0:
+            raise ConfigError(f"{key}: max_context, max_width >= 1; shared_requests, corpus_tokens >= 0")
+        if self.alpha <= 0 or not 0 < self.min_score <= 1:
+            raise ConfigError(f"{key}: alpha > 0 and min_score in (0, 1]")
+
+
+@dataclass
+class LayerSkipConfig:
+    """A compressed copy of the target without training: its first `layers` layers, its final norm and LM
+    head (sharing the target's weights when in the same process)."""
+
+    layers: int = 8
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        if self.layers < 1:
+            raise ConfigError(f"{key}.layers: must be >= 1")
+
+
+@dataclass
+class MultiConfig:
+    """Several drafters at once, their proposals merged into one token tree."""
+
+    members: list = None  # drafter kinds, each configured in its own section beside this one
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        if not self.members or not all(isinstance(m, str) for m in self.members) or "multi" in self.members:
+            raise ConfigError(f"{key}.members: a list of drafter kinds (not multi)")

@@ -113,3 +113,17 @@ def build(section, context) -> ModelDrafter:
     if backend.vocab_size != context.target_vocab:
         raise ValueError(f"drafter.model: vocabulary {backend.vocab_size} != target's {context.target_vocab}")
     return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)
+
+
+def build_layerskip(section, context) -> ModelDrafter:
+    """The target's first `layers` layers with its final norm and head, as a draft model: in process it
+    shares the target's weights; in a draft actor it loads the target's weights itself."""
+    from cluster.models.lean import LeanBackend, supports
+    from cluster.models.loader import load_model
+
+    model = context.target_model if context.target_model is not None else load_model(context.target, context.device)
+    why_not = supports(model)
+    if why_not is not None:
+        raise ValueError(f"drafter.layerskip: needs a model the lean backend covers ({why_not})")
+    backend = LeanBackend(model, context.num_slots, context.capacity, num_layers=section.layers)
+    return ModelDrafter(backend, 0.0, context.eos_ids, context.rule)

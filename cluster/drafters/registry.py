@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from cluster.drafters.configs import ModelDrafterConfig, NgramConfig
+from cluster.drafters.configs import LayerSkipConfig, ModelDrafterConfig, MultiConfig, NgramConfig, SuffixConfig
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,10 @@ class Kind:
 DRAFTERS: dict[str, Kind] = {
     "ngram": Kind(NgramConfig, "cluster.drafters.ngram:build", "prompt lookup over the sequence's own tokens; no model"),
     "model": Kind(ModelDrafterConfig, "cluster.drafters.model_drafter:build", "a small causal LM sharing the tokenizer"),
+    "suffix": Kind(SuffixConfig, "cluster.drafters.suffix:build", "search over each request, recent outputs, a corpus"),
+    "layerskip": Kind(LayerSkipConfig, "cluster.drafters.model_drafter:build_layerskip",
+                      "the target's first layers + head: a compressed copy, no training"),
+    "multi": Kind(MultiConfig, "cluster.drafters.multi:build", "several drafters merged into one token tree"),
 }
 
 
@@ -32,6 +36,9 @@ class BuildContext:
     device: str = "cpu"
     eos_ids: tuple[int, ...] = ()
     rule: str = "coupled"
+    target: object = None  # the target's ModelConfig (its tokenizer; its weights for a layer-skip draft)
+    target_model: object = None  # the target itself when in the same process (weights shared), else None
+    sections: dict | None = None  # every configured section (a multi drafter builds its members from them)
 
 
 def build_drafter(kind: str, section, context: BuildContext):

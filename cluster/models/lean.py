@@ -37,7 +37,8 @@ class LeanBackend(HFBackend):
     name = "lean"
 
     def __init__(self, model: torch.nn.Module, num_slots: int, capacity: int, block_size: int = 16,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, num_layers: int | None = None):
+        """num_layers: run only the first layers, then the final norm and head (a layer-skip draft)."""
         super().__init__(model, num_slots, capacity)
         self.cache = PagedKVCache(num_slots, capacity, block_size, num_blocks)
         cfg = model.config
@@ -49,23 +50,11 @@ class LeanBackend(HFBackend):
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.rotary = inner.rotary_emb
-        self.layers = []
-        with torch.no_grad():
-            for layer in inner.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-                bias = None
-                if attn.q_proj.bias is not None:
-                    bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-                # The HF modules keep views into the fused weights: no second copy in memory.
-                q, k = attn.q_proj.out_features, attn.k_proj.out_features
-                attn.q_proj.weight.data, attn.k_proj.weight.data = qkv[:q], qkv[q:q + k]
-                attn.v_proj.weight.data = qkv[q + k:]
-                g = mlp.gate_proj.out_features
-                mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up[:g], gate_up[g:]
-                self.layers.append((layer.input_layernorm.weight, qkv, bias, attn.o_proj.weight,
-                                    layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight, g))
+        if getattr(model, "_lean_layers", None) is None:  # fuse once per model: a layer-skip draft shares them
+            model._lean_layers = _fuse(inner)
+        self.layers = model._lean_layers[:num_layers]
+        if num_layers is not None:
+            self.name = f"lean-first-{len(self.layers)}"
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -170,6 +159,28 @@ class LeanBackend(HFBackend):
                 for layer in buffers:
                     layer[dst] = layer[src]
         self.cache.truncate(slot, start + len(keep))
+
+
+def _fuse(inner) -> list[tuple]:
+    """Per layer: (input norm, fused q/k/v, fused bias, o, post norm, fused gate/up, down, gate rows). The HF
+    modules are left holding views into the fused weights: no second copy in memory."""
+    layers = []
+    with torch.no_grad():
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            bias = None
+            if attn.q_proj.bias is not None:
+                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            q, k = attn.q_proj.out_features, attn.k_proj.out_features
+            attn.q_proj.weight.data, attn.k_proj.weight.data = qkv[:q], qkv[q:q + k]
+            attn.v_proj.weight.data = qkv[q + k:]
+            g = mlp.gate_proj.out_features
+            mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up[:g], gate_up[g:]
+            layers.append((layer.input_layernorm.weight, qkv, bias, attn.o_proj.weight,
+                           layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight, g))
+    return layers
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

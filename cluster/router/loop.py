@@ -33,7 +33,8 @@ class Router(Engine):
         info = ray.get(first.info.remote())  # vocabulary, context, EOS: from the model itself
         drafters = None
         if spec.k > 0:
-            context = BuildContext(slots, capacity, info["vocab_size"], eos_ids=tuple(info["eos_ids"]), rule=spec.rule)
+            context = BuildContext(slots, capacity, info["vocab_size"], eos_ids=tuple(info["eos_ids"]), rule=spec.rule,
+                                   target=config.target, sections=config.drafter.sections)
             drafters = ActorPool("draft", lambda: start_draft_actor(cluster.draft_pool, config.drafter, context),
                                  cluster.draft_pool.replicas)
         curve = None
@@ -43,7 +44,7 @@ class Router(Engine):
         self.targets, self.drafts = targets, drafters
         executor = RayExecutor(targets, drafters, slots, info["vocab_size"], cluster.draft_timeout_s)
         super().__init__(config, executor, tokenizer, info["vocab_size"], info["max_context"], set(info["eos_ids"]),
-                         curve, sequential_draft=config.drafter.kind == "model")
+                         curve, sequential_draft=config.drafter.kind in ("model", "layerskip"))
         if cluster.metrics_port:
             self.metrics.serve(cluster.metrics_port)
 

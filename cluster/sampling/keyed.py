@@ -28,11 +28,6 @@ def uniform(seed: int, position: int, purpose: int, branch: int = 0) -> float:
     return (key(seed, position, purpose, branch) >> 11) * (1.0 / (1 << 53))
 
 
-def uniforms(seeds: list[int], positions: list[int], purpose: int) -> torch.Tensor:
-    """One uniform per (seed, position) pair, as a float64 tensor."""
-    return torch.tensor([uniform(s, p, purpose) for s, p in zip(seeds, positions)], dtype=torch.float64)
-
-
 def race_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
     """Exponential(1) variates E_v, one per token, for the race argmax_v p_v / E_v (a sample from p).
     Generated on the CPU from the key, so every device and every worker sees the same values."""

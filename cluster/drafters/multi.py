@@ -1,0 +1,103 @@
+"""Several drafters at once: their proposals merged into one token tree (shared prefixes once), verified
+in one target pass. Each member is scored online from what the target accepted of its own nodes (no
+extra target cost), and the better members fill the budget first.
+
+Lossless with the coupled rule (the default): the target takes the child equal to its own token, however
+many siblings there are. Under the rejection rule a merged tree of sampled drafts would not keep the
+independent draws recursive rejection needs, so members that sample are refused there.
+"""
+
+from __future__ import annotations
+
+from cluster.core.messages import Proposal
+from cluster.drafters.base import Drafter, DraftRequest
+from cluster.drafters.registry import build_drafter
+
+
+class MultiDrafter(Drafter):
+    name = "multi"
+
+    def __init__(self, members: dict[str, Drafter]):
+        self.members = members
+        self.score = {name: [1.0, 2.0] for name in members}  # accepted, proposed (a small prior)
+        self.last: dict[str, tuple[int, Proposal, list[set[str]]]] = {}  # seq -> (length, tree, owners per node)
+
+    @property
+    def num_sequences(self) -> int:
+        return max((m.num_sequences for m in self.members.values()), default=0)
+
+    def rates(self) -> dict[str, float]:
+        return {name: a / p for name, (a, p) in self.score.items()}
+
+    def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
+        for r in batch:
+            self._credit(r)
+        by_member = {name: m.propose(batch) for name, m in self.members.items()}
+        order = sorted(self.members, key=lambda n: -self.rates()[n])
+        out = []
+        for i, r in enumerate(batch):
+            tree, owners = merge([(name, by_member[name][i]) for name in order], r.budget)
+            self.last[r.seq_id] = (len(r.tokens), tree, owners)
+            for name in order:
+                self.score[name][1] += sum(1 for o in owners if name in o)
+            out.append(tree)
+        return out
+
+    def _credit(self, r: DraftRequest) -> None:
+        """Walk the previous tree along the tokens that followed it: each accepted node credits its owners."""
+        previous = self.last.pop(r.seq_id, None)
+        if previous is None:
+            return
+        length, tree, owners = previous
+        children, at = tree.children(), 0
+        for token in r.tokens[length:]:
+            child = next((c for c in children[at] if tree.tokens[c] == token), None)
+            if child is None:
+                break
+            for name in owners[child]:
+                self.score[name][0] += 1
+            at = child + 1
+
+    def observe(self, seq_id: str, accepted: int) -> None:
+        for m in self.members.values():
+            m.observe(seq_id, accepted)
+
+    def release(self, seq_id: str) -> None:
+        self.last.pop(seq_id, None)
+        for m in self.members.values():
+            m.release(seq_id)
+
+
+def merge(proposals: list[tuple[str, Proposal]], budget: int) -> tuple[Proposal, list[set[str]]]:
+    """One tree from several, level by level (every member's depth-1 nodes, then depth 2, ...), members in
+    the given order, identical paths merged; at most `budget` nodes. Returns the tree and each node's owners."""
+    tokens, parents, owners = [], [], []
+    index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    mapped = [dict() for _ in proposals]  # per member: its node -> merged node
+    depths = [p.depths() for _, p in proposals]
+    for depth in range(1, max((max(d, default=0) for d in depths), default=0) + 1):
+        for m, ((name, p), d) in enumerate(zip(proposals, depths)):
+            for node, (token, parent) in enumerate(zip(p.tokens, p.parents)):
+                if d[node] != depth:
+                    continue
+                merged_parent = -1 if parent < 0 else mapped[m].get(parent)
+                if merged_parent is None:  # its parent did not fit the budget
+                    continue
+                key = (merged_parent, token)
+                if key not in index:
+                    if len(tokens) >= budget:
+                        continue
+                    index[key] = len(tokens)
+                    tokens.append(token)
+                    parents.append(merged_parent)
+                    owners.append(set())
+                mapped[m][node] = index[key]
+                owners[index[key]].add(name)
+    return Proposal(tokens, parents), owners
+
+
+def build(section, context) -> MultiDrafter:
+    sampling = [m for m in section.members if m in ("model", "layerskip")]
+    if context.rule == "rejection" and sampling:
+        raise ValueError(f"drafter.multi: members {sampling} sample; merge them under rule: coupled")
+    return MultiDrafter({name: build_drafter(name, context.sections[name], context) for name in section.members})

@@ -3,6 +3,7 @@ against the same cluster with K = 0, in one run. Prints a table; --json prints o
 concurrency, including the cost model's median step-time prediction error.
 
     python -m benchmarks.cluster_load --config configs/default.yaml --concurrency 1 4 16 32 [--json]
+    python -m benchmarks.cluster_load --devices 2 [--drafter layerskip] --concurrency 1 4 8 16 [--json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def drive(engine, prompts: list[str], streams: int, per_stream: int, max_tokens:
     busy_before = engine.executor.target_busy_s()
     steps_before = engine.timings.steps
     engine.step_errors.clear()
+    engine.executor.step_bytes.clear()
     start = time.perf_counter()
     for _ in range(min(streams, len(queue))):
         send()
@@ -64,6 +66,7 @@ def drive(engine, prompts: list[str], streams: int, per_stream: int, max_tokens:
         "outputs": [outputs[i] for i in sorted(outputs)],
         "steps": engine.timings.steps - steps_before,
         "step_time_error": engine.step_time_error(),
+        "bytes_per_step": round(statistics.mean(engine.executor.step_bytes)) if engine.executor.step_bytes else 0,
     }
 
 
@@ -83,25 +86,44 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant, best kept (order rotated): this "
                         "machine's speed drifts by tens of percent over minutes")
+    parser.add_argument("--devices", type=int, default=1, choices=(1, 2),
+                        help="2: pin target actors to core 0 and draft actors to core 1 (a stand-in for two devices) "
+                             "and compare K = 0, colocated, disaggregated unpipelined and pipelined")
+    parser.add_argument("--drafter", default=None, help="drafter kind (default: the config's; layerskip with --devices 2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
+    drafter = args.drafter or ("layerskip" if args.devices == 2 else None)
+    if drafter and drafter != config.drafter.kind:
+        from cluster.config import DrafterConfig
+
+        config.drafter = DrafterConfig(drafter)
+        config.validate(check_paths=False)
     config.limits.max_batch_size = max(config.limits.max_batch_size, max(args.concurrency))
     config.limits.max_waiting = max(config.limits.max_waiting, max(args.concurrency) * args.requests_per_stream)
-    variants = {"speculative": config.speculation.k, "baseline": 0}
+    # name -> (k, pin target/draft to disjoint cores, pipelining)
+    if args.devices == 2:
+        variants = {"k0": (0, True, False), "colocated": (config.speculation.k, False, True),
+                    "unpipelined": (config.speculation.k, True, False), "pipelined": (config.speculation.k, True, True)}
+    else:
+        variants = {"speculative": (config.speculation.k, False, True), "baseline": (0, False, True)}
     resources = {}
     for pool in (config.cluster.target_pool, config.cluster.draft_pool):
         for name, amount in pool.resources.items():
             resources[name] = resources.get(name, 0) + amount * pool.replicas * len(variants)
     ray.init(num_cpus=args.num_cpus, resources=resources, include_dashboard=False, log_to_driver=False)
     routers = {}
-    for name, k in variants.items():
+    for name, (k, pinned, pipelining) in variants.items():
         cfg = copy.deepcopy(config)
         cfg.speculation.k = k
+        cfg.cluster.pipelining = pipelining
         cfg.cluster.target_pool.num_cpus = cfg.cluster.draft_pool.num_cpus = 0  # placement by custom resources
+        if pinned:
+            cfg.cluster.target_pool.cpus, cfg.cluster.draft_pool.cpus = [0], [1]
         routers[name] = Router(cfg)
         routers[name].wait_ready()
+        routers[name].executor.count_bytes = True
     prompts = load_prompts(routers["baseline"].tokenizer, raw=False)
     for router in routers.values():  # warm-up
         drive(router, prompts, 2, 1, 16)
@@ -117,6 +139,20 @@ def main(argv=None) -> dict:
                 run = drive(routers[name], prompts, n, per_stream, args.max_tokens)
                 if name not in runs or run["tokens_per_s"] > runs[name]["tokens_per_s"]:
                     runs[name] = run
+        if args.devices == 2:
+            base = runs["k0"]
+            for mode in ("k0", "colocated", "unpipelined", "pipelined"):
+                run = runs[mode]
+                rows.append({"concurrency": n, "mode": mode, "tokens_per_s": round(run["tokens_per_s"], 2),
+                             "vs_k0": round(run["tokens_per_s"] / base["tokens_per_s"], 3),
+                             "target_utilization": round(run["target_utilization"], 3),
+                             "bytes_per_step": run["bytes_per_step"], "step_time_error": round(run["step_time_error"], 3),
+                             "p50_ttft_ms": round(1000 * pct(run["ttft"], 0.5), 1),
+                             "p99_ttft_ms": round(1000 * pct(run["ttft"], 0.99), 1),
+                             "p50_tpot_ms": round(1000 * pct(run["tpot"], 0.5), 1),
+                             "p99_tpot_ms": round(1000 * pct(run["tpot"], 0.99), 1),
+                             "failed_requests": run["failed"], "exact": run["outputs"] == base["outputs"]})
+            continue
         spec, base = runs["speculative"], runs["baseline"]
         rows.append({
             "concurrency": n,
@@ -126,6 +162,7 @@ def main(argv=None) -> dict:
             "target_utilization": round(spec["target_utilization"], 3),
             "target_utilization_baseline": round(base["target_utilization"], 3),
             "step_time_error": round(spec["step_time_error"], 3),
+            "bytes_per_step": spec["bytes_per_step"],
             "p50_ttft_ms": round(1000 * pct(spec["ttft"], 0.5), 1),
             "p99_ttft_ms": round(1000 * pct(spec["ttft"], 0.99), 1),
             "p50_tpot_ms": round(1000 * pct(spec["tpot"], 0.5), 1),
@@ -133,8 +170,8 @@ def main(argv=None) -> dict:
             "failed_requests": spec["failed"] + base["failed"],
             "exact": spec["outputs"] == base["outputs"],
         })
-    spec_router = routers["speculative"]
-    result = {"target": config.target.path.rsplit("/", 1)[-1], "drafter": config.drafter.kind,
+    spec_router = routers["pipelined" if args.devices == 2 else "speculative"]
+    result = {"target": config.target.path.rsplit("/", 1)[-1], "drafter": config.drafter.kind, "devices": args.devices,
               "adaptive": config.speculation.adaptive, "max_tokens": args.max_tokens,
               "acceptance_rate": round(spec_router.stats.acceptance_rate, 3),
               "pipelined_steps": spec_router.pipelined_steps, "steps": spec_router.timings.steps,
@@ -143,9 +180,11 @@ def main(argv=None) -> dict:
     for router in routers.values():
         router.shutdown()
     ray.shutdown()
-    emit(result, args.json, ["concurrency", "tokens_per_s", "tokens_per_s_baseline", "speedup",
-                             "target_utilization", "step_time_error", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
-                             "failed_requests", "exact"])
+    cols = (["concurrency", "mode", "tokens_per_s", "vs_k0", "target_utilization", "bytes_per_step", "p50_ttft_ms",
+             "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "failed_requests", "exact"] if args.devices == 2 else
+            ["concurrency", "tokens_per_s", "tokens_per_s_baseline", "speedup", "target_utilization", "step_time_error",
+             "bytes_per_step", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "failed_requests", "exact"])
+    emit(result, args.json, cols)
     return result
 
 

@@ -137,12 +137,18 @@ class PoolConfig:
     accelerator_type: str | None = None  # e.g. "L4" for drafts, "H100" for targets
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {"draft_gpu": 1}
     torch_threads: int = 0  # 0: every core of the node (Ray would otherwise give torch num_cpus threads)
+    # Pin the pool's actors to these CPU cores (os.sched_setaffinity; torch threads = their number). A
+    # stand-in for separate devices on one machine, so draft and target compute truly in parallel; not
+    # production advice. Empty: no pinning.
+    cpus: list[int] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
         if self.replicas < 1:
             raise ConfigError(f"{key}.replicas: must be >= 1")
         if self.num_cpus < 0 or self.num_gpus < 0 or any(v < 0 for v in self.resources.values()):
             raise ConfigError(f"{key}: resource amounts must be >= 0")
+        if any(not isinstance(c, int) or c < 0 for c in self.cpus):
+            raise ConfigError(f"{key}.cpus: CPU core numbers (>= 0)")
 
 
 @dataclass
@@ -202,6 +208,11 @@ def _coerce(tp, value, key: str):
         tp = next(a for a in args if a is not type(None))
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if typing.get_origin(tp) is dict:
         key_type, value_type = typing.get_args(tp)
         if not isinstance(value, dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.errors import ConfigError
 from cluster.model_config import ModelConfig, check_model_dir
@@ -67,7 +67,7 @@ class LayerSkipConfig:
 class MultiConfig:
     """Several drafters at once, their proposals merged into one token tree."""
 
-    members: list = None  # drafter kinds, each configured in its own section beside this one
+    members: list[str] = field(default_factory=list)  # drafter kinds, each configured in its own section beside this one
 
     def validate(self, key: str, check_paths: bool = True) -> None:
         if not self.members or not all(isinstance(m, str) for m in self.members) or "multi" in self.members:

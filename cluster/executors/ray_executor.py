@@ -9,6 +9,7 @@ rejection rule). A dead actor is replaced under a new id; the engine moves its r
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 
 import ray
@@ -88,6 +89,8 @@ class RayExecutor:
         self.targets, self.drafters = targets, drafters
         self.slots, self.vocab, self.draft_timeout_s = slots, vocab, draft_timeout_s
         self._in_flight: dict[str, tuple] = {}  # worker -> (tasks, ref) of drafts for the next step
+        self.count_bytes = False  # benchmarks: count the bytes each step sends to and gets from actors
+        self.step_bytes: list[int] = []
 
     def capacities(self) -> tuple[dict[str, int], dict[str, int]]:
         targets = {w: self.slots for w in self.targets.ready()}
@@ -135,6 +138,10 @@ class RayExecutor:
                     result.verdicts[task.seq_id] = Failure(f"{type(error).__name__} in the worker")
         self._in_flight.update(later)
         self._collect_drafts(result, dict(self._in_flight), wait=False)  # whatever finished beside the verify
+        if self.count_bytes:
+            sent = [plan.admit, plan.draft, resolve_verify(plan, result.proposals)]
+            got = [result.prefilled, result.proposals, result.verdicts]
+            self.step_bytes.append(len(pickle.dumps(sent)) + len(pickle.dumps(got)))
         self._in_flight = {w: c for w, c in self._in_flight.items()
                            if not all(t.seq_id in result.proposals or t.seq_id in result.draft_failed for t in c[0])}
         return result

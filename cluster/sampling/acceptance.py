@@ -43,8 +43,8 @@ def verify_draft(
 
     dist = target_probs[rows, num_accepted]  # bonus: p at the first position not accepted
     rejected = num_accepted < num_draft
-    if bool(rejected.any()):
-        at = num_accepted.clamp(max=max(k - 1, 0))
+    if k:  # computed for every row (no host sync to branch on), used where a draft was rejected
+        at = num_accepted.clamp(max=k - 1)
         if draft_probs is None:
             residual = dist.scatter(-1, draft_tokens[rows, at].unsqueeze(-1), 0.0)
         else:

@@ -184,6 +184,4 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # Guard the float edge (u*total == total) and never return a zero-probability token.
     idx = idx.clamp_(max=probs.shape[-1] - 1)
     bad = probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1) <= 0
-    if bool(bad.any()):
-        idx = torch.where(bad, probs.argmax(-1), idx)
-    return idx
+    return torch.where(bad, probs.argmax(-1), idx)

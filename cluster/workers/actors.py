@@ -31,8 +31,10 @@ class _Placed:
 
 def _setup(pool: PoolConfig) -> str:
     # Ray sets OMP_NUM_THREADS from the actor's num_cpus (1 when 0), which starves a CPU model: by
-    # default a model actor uses every core of its node.
-    torch.set_num_threads(pool.torch_threads or os.cpu_count() or 1)
+    # default a model actor uses every core of its node; pinned to cores, as many threads as cores.
+    if pool.cpus:
+        os.sched_setaffinity(0, pool.cpus)
+    torch.set_num_threads(pool.torch_threads or len(pool.cpus) or os.cpu_count() or 1)
     return "cuda" if pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 

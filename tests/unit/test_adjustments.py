@@ -78,6 +78,8 @@ def test_sampling_tensors_from_params():
     assert (st.all_greedy, st.any_greedy, st.any_filter) == (False, True, True)
     sub = st.rows(torch.tensor([1]))
     assert sub.temperature.tolist() == [0.0] and sub.logit_bias.abs().sum() == 0
+    assert sub.top_k.tolist() == [0] and sub.top_p.tolist() == [1.0]
+    assert (sub.all_greedy, sub.any_greedy, sub.any_filter) == (st.all_greedy, st.any_greedy, st.any_filter)
     assert SamplingTensors.from_params([SamplingParams()], V, "cpu").logit_bias is None
 
 

@@ -42,6 +42,9 @@ def test_chains_take_the_fast_path():
     assert n.tolist() == [3, 1] and nxt.tolist() == [1, 9]
     n, nxt = accept_chain_coupled(chosen, torch.tensor([[4, 2, 0], [5, 0, 0]]), torch.tensor([2, 1]))
     assert n.tolist() == [2, 0] and nxt.tolist() == [7, 4]
+    # A pad that happens to equal the target's token is still a pad: row 0 drafted two tokens, not three.
+    n, nxt = accept_chain_coupled(chosen, torch.tensor([[4, 2, 7], [4, 9, 7]]), torch.tensor([2, 3]))
+    assert n.tolist() == [2, 3] and nxt.tolist() == [7, 1]
 
 
 @pytest.mark.parametrize("name", sorted(QS))

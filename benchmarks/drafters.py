@@ -1,0 +1,142 @@
+"""Every drafter on every workload (benchmarks/workloads/), against target-only decoding and Hugging Face's
+prompt lookup and assisted generation, in one run; single stream, greedy, this engine's default backend.
+
+    python -m benchmarks.drafters [--config configs/default.yaml] [--prompts 8] [--max-tokens 64] [--json]
+
+Per drafter x workload: tokens per target pass, per-position acceptance, drafter microseconds per step,
+tokens/s, speed-up over K = 0, exact (greedy output equal to target-only). HF assisted generation uses
+the same compressed copy the layerskip drafter runs (the target's first layers and head, as an HF model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.cluster_load import emit
+from benchmarks.speculative import run_hf
+from cluster.config import DrafterConfig, load_config
+from cluster.drafters.configs import LayerSkipConfig, MultiConfig, NgramConfig, SuffixConfig
+from cluster.engine import SpecEngine
+from cluster.types import SamplingParams
+
+WORKLOADS = Path(__file__).with_name("workloads")
+
+
+def drafters(layers: int) -> dict[str, DrafterConfig | None]:
+    return {
+        "k0": None,
+        "ngram": DrafterConfig("ngram", {"ngram": NgramConfig()}),
+        "suffix": DrafterConfig("suffix", {"suffix": SuffixConfig()}),
+        "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers)}),
+        "multi": DrafterConfig("multi", {"multi": MultiConfig(["ngram", "suffix", "layerskip"]),
+                                         "layerskip": LayerSkipConfig(layers)}),
+    }
+
+
+def prompts_of(workload: str, tokenizer, count: int) -> list[str]:
+    rows = [json.loads(line) for line in (WORKLOADS / f"{workload}.jsonl").read_text().splitlines()]
+    step = max(1, len(rows) // count) if workload != "agent" else 1  # the agent session runs in order
+    chosen = [r["prompt"] for r in rows[::step][:count]]
+    if workload in ("edit", "chat") and tokenizer.chat_template:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in chosen]
+    return chosen
+
+
+def run(engine: SpecEngine, prompts: list[str], max_tokens: int) -> dict:
+    record = []
+    apply = engine._apply
+
+    def recording(seq, drafted, verdict, tokens):
+        record.append((drafted, verdict.accepted))
+        return apply(seq, drafted, verdict, tokens)
+
+    engine._apply = recording
+    draft_s = engine.timings.draft_s
+    start, outputs = time.perf_counter(), []
+    try:
+        for p in prompts:
+            outputs.append(engine.generate([p], SamplingParams(max_tokens=max_tokens))[0].token_ids)
+    finally:
+        del engine._apply
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    passes = len(record)
+    per_position = []
+    for j in range(8):
+        tried = sum(1 for d, _ in record if d > j)
+        per_position.append(round(sum(1 for d, a in record if d > j and a > j) / tried, 3) if tried else None)
+    drafting_steps = sum(1 for d, _ in record if d)
+    return {"outputs": outputs, "tokens_per_s": tokens / seconds, "tokens_per_pass": (tokens - len(prompts)) / max(passes, 1),
+            "per_position_acceptance": per_position,
+            "drafter_us_per_step": 1e6 * (engine.timings.draft_s - draft_s) / max(drafting_steps, 1)}
+
+
+def truncated_copy(model, layers: int):
+    """The target's first layers and head as a standalone HF model (HF assisted generation's assistant)."""
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:layers]
+    small.config.num_hidden_layers = layers
+    return small
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--workloads", nargs="+", default=["edit", "agent", "chat", "code"])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=8, help="layers of the layer-skip draft")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    config = load_config(args.config)
+    base_cfg = copy.deepcopy(config)
+    base_cfg.speculation.k = 0
+    base = SpecEngine(base_cfg)
+    rows, peers = [], []
+    for workload in args.workloads:
+        prompts = prompts_of(workload, base.tokenizer, args.prompts)
+        base.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm
+        reference = run(base, prompts, args.max_tokens)
+        for name, drafter in drafters(args.layers).items():
+            if drafter is None:
+                result = reference
+            else:
+                cfg = copy.deepcopy(config)
+                cfg.drafter = drafter
+                cfg.validate(check_paths=False)
+                engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
+                result = run(engine, prompts, args.max_tokens)
+            rows.append({"drafter": name, "workload": workload, "tokens_per_pass": round(result["tokens_per_pass"], 3),
+                         "per_position_acceptance": result["per_position_acceptance"],
+                         "drafter_us_per_step": round(result["drafter_us_per_step"], 1),
+                         "tokens_per_s": round(result["tokens_per_s"], 2),
+                         "speedup": round(result["tokens_per_s"] / reference["tokens_per_s"], 3),
+                         "exact": result["outputs"] == reference["outputs"]})
+            print(f"{workload} {name}: {rows[-1]['tokens_per_s']} tok/s", flush=True, file=__import__("sys").stderr)
+        model, tok = base.target.backend.model, base.tokenizer
+        model.generation_config.pad_token_id = tok.eos_token_id
+        for method, kwargs in (("hf_prompt_lookup", {"prompt_lookup_num_tokens": 3}),
+                               ("hf_assisted", {"assistant_model": truncated_copy(model, args.layers)})):
+            h = run_hf(model, tok, prompts, args.max_tokens, **kwargs)
+            peers.append({"workload": workload, "method": method, "tokens_per_s": round(h["tokens"] / h["seconds"], 2)})
+    result = {"target": config.target.path.rsplit("/", 1)[-1], "dtype": str(base.target.backend.dtype),
+              "prompts_per_workload": args.prompts, "max_tokens": args.max_tokens, "layerskip_layers": args.layers,
+              "rows": rows, "peers": peers}
+    emit(result, args.json, ["workload", "drafter", "tokens_per_pass", "drafter_us_per_step", "tokens_per_s",
+                             "speedup", "exact"])
+    if not args.json:
+        for p in peers:
+            print(f"peer {p['workload']} {p['method']}: {p['tokens_per_s']} tok/s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ import torch
 from benchmarks.cluster_load import emit
 from benchmarks.speculative import run_hf
 from cluster.config import DrafterConfig, load_config
-from cluster.drafters.configs import LayerSkipConfig, MultiConfig, NgramConfig, SuffixConfig
+from cluster.drafters.configs import LayerSkipConfig, MultiConfig, NgramConfig, QuantizedConfig, SuffixConfig
 from cluster.engine import SpecEngine
 from cluster.types import SamplingParams
 
@@ -34,6 +34,7 @@ def drafters(layers: int) -> dict[str, DrafterConfig | None]:
         "ngram": DrafterConfig("ngram", {"ngram": NgramConfig()}),
         "suffix": DrafterConfig("suffix", {"suffix": SuffixConfig()}),
         "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers)}),
+        "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
         "multi": DrafterConfig("multi", {"multi": MultiConfig(["ngram", "suffix", "layerskip"]),
                                          "layerskip": LayerSkipConfig(layers)}),
     }

@@ -363,6 +363,6 @@ class SpecEngine(Engine):
                                    sections=config.drafter.sections)
             self.drafter = DraftWorker(config.drafter.kind, config.drafter.section, context, drafter=drafter)
         curve = target.calibrate() if spec.calibrate and spec.k > 0 else None
-        sequential = self.drafter is not None and config.drafter.kind in ("model", "layerskip")
+        sequential = self.drafter is not None and config.drafter.kind in ("model", "layerskip", "quantized")
         super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
                          target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)

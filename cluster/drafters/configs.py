@@ -72,3 +72,15 @@ class MultiConfig:
     def validate(self, key: str, check_paths: bool = True) -> None:
         if not self.members or not all(isinstance(m, str) for m in self.members) or "multi" in self.members:
             raise ConfigError(f"{key}.members: a list of drafter kinds (not multi)")
+
+
+@dataclass
+class QuantizedConfig:
+    """A compressed copy of the target without training: its linear layers quantized to int8 (dynamic
+    quantization on CPU; weights int8, activations quantized on the fly), the rest in fp32."""
+
+    bits: int = 8
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        if self.bits != 8:
+            raise ConfigError(f"{key}.bits: only 8 (int8 dynamic quantization) is implemented")

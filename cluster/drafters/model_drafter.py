@@ -127,3 +127,17 @@ def build_layerskip(section, context) -> ModelDrafter:
         raise ValueError(f"drafter.layerskip: needs a model the lean backend covers ({why_not})")
     backend = LeanBackend(model, context.num_slots, context.capacity, num_layers=section.layers)
     return ModelDrafter(backend, 0.0, context.eos_ids, context.rule)
+
+
+def build_quantized(section, context) -> ModelDrafter:
+    """The target's weights with every linear layer int8 (dynamic quantization), run by the eager backend."""
+    import copy
+
+    from cluster.models.loader import load_model
+
+    source = context.target_model if context.target_model is not None else load_model(context.target, "cpu")
+    model = copy.deepcopy(source).float().cpu()
+    model.__dict__.pop("_lean_layers", None)  # fused views of the source's weights: not this copy's
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    backend = HFBackend(model, context.num_slots, context.capacity)
+    return ModelDrafter(backend, 0.0, context.eos_ids, context.rule)

@@ -97,7 +97,7 @@ def merge(proposals: list[tuple[str, Proposal]], budget: int) -> tuple[Proposal,
 
 
 def build(section, context) -> MultiDrafter:
-    sampling = [m for m in section.members if m in ("model", "layerskip")]
+    sampling = [m for m in section.members if m in ("model", "layerskip", "quantized")]
     if context.rule == "rejection" and sampling:
         raise ValueError(f"drafter.multi: members {sampling} sample; merge them under rule: coupled")
     return MultiDrafter({name: build_drafter(name, context.sections[name], context) for name in section.members})

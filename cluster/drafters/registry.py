@@ -6,7 +6,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from cluster.drafters.configs import LayerSkipConfig, ModelDrafterConfig, MultiConfig, NgramConfig, SuffixConfig
+from cluster.drafters.configs import (
+    LayerSkipConfig,
+    ModelDrafterConfig,
+    MultiConfig,
+    NgramConfig,
+    QuantizedConfig,
+    SuffixConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,8 @@ DRAFTERS: dict[str, Kind] = {
     "suffix": Kind(SuffixConfig, "cluster.drafters.suffix:build", "search over each request, recent outputs, a corpus"),
     "layerskip": Kind(LayerSkipConfig, "cluster.drafters.model_drafter:build_layerskip",
                       "the target's first layers + head: a compressed copy, no training"),
+    "quantized": Kind(QuantizedConfig, "cluster.drafters.model_drafter:build_quantized",
+                      "the target with int8 linear layers: a compressed copy, no training"),
     "multi": Kind(MultiConfig, "cluster.drafters.multi:build", "several drafters merged into one token tree"),
 }
 

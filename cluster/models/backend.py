@@ -53,7 +53,7 @@ class HFBackend:
 
     @property
     def vocab_size(self) -> int:
-        return self.head.weight.shape[0]
+        return getattr(self.head, "out_features", None) or self.head.weight.shape[0]
 
     @property
     def max_context(self) -> int | None:

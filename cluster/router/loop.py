@@ -44,7 +44,7 @@ class Router(Engine):
         self.targets, self.drafts = targets, drafters
         executor = RayExecutor(targets, drafters, slots, info["vocab_size"], cluster.draft_timeout_s)
         super().__init__(config, executor, tokenizer, info["vocab_size"], info["max_context"], set(info["eos_ids"]),
-                         curve, sequential_draft=config.drafter.kind in ("model", "layerskip"))
+                         curve, sequential_draft=config.drafter.kind in ("model", "layerskip", "quantized"))
         if cluster.metrics_port:
             self.metrics.serve(cluster.metrics_port)
 

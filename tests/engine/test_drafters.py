@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from cluster.config import DrafterConfig
 from cluster.core.messages import Proposal
 from cluster.drafters.base import DraftRequest
-from cluster.drafters.configs import LayerSkipConfig, MultiConfig, SuffixConfig
+from cluster.drafters.configs import LayerSkipConfig, MultiConfig, QuantizedConfig, SuffixConfig
 from cluster.drafters.multi import merge
 from cluster.drafters.suffix import SuffixDrafter
 from cluster.engine import SpecEngine
@@ -19,6 +19,7 @@ PROMPTS = ["def add(a, b):\n    return", "import os\n", "for i in range(10):\n  
 KINDS = {
     "suffix": DrafterConfig("suffix", {"suffix": SuffixConfig()}),
     "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers=1)}),
+    "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
     "multi": DrafterConfig("multi", {"multi": MultiConfig(["ngram", "suffix", "layerskip"]),
                                      "layerskip": LayerSkipConfig(layers=1)}),
 }

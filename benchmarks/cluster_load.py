@@ -104,10 +104,10 @@ def main(argv=None) -> dict:
     config.limits.max_waiting = max(config.limits.max_waiting, max(args.concurrency) * args.requests_per_stream)
     # name -> (k, pin target/draft to disjoint cores, pipelining)
     if args.devices == 2:
-        variants = {"k0": (0, True, False), "colocated": (config.speculation.k, False, True),
-                    "unpipelined": (config.speculation.k, True, False), "pipelined": (config.speculation.k, True, True)}
+        variants = {"k0": (0, True, "off"), "colocated": (config.speculation.k, False, "auto"),
+                    "unpipelined": (config.speculation.k, True, "off"), "pipelined": (config.speculation.k, True, "auto")}
     else:
-        variants = {"speculative": (config.speculation.k, False, True), "baseline": (0, False, True)}
+        variants = {"speculative": (config.speculation.k, False, "auto"), "baseline": (0, False, "off")}
     resources = {}
     for pool in (config.cluster.target_pool, config.cluster.draft_pool):
         for name, amount in pool.resources.items():

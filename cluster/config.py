@@ -151,11 +151,16 @@ class PoolConfig:
             raise ConfigError(f"{key}.cpus: CPU core numbers (>= 0)")
 
 
+PIPELINING = ("auto", "always", "off")
+
+
 @dataclass
 class ClusterConfig:
     target_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"target_node": 1}))
     draft_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"draft_node": 1}))
-    pipelining: bool = True  # draft one group while the target verifies the other, when the cost model says it pays
+    # Draft one group while the target verifies the other. auto: when the cost model predicts more tokens/s;
+    # always: every step that has two groups (tests and benchmarks that must exercise the overlap); off.
+    pipelining: str = "auto"
     draft_timeout_s: float = 30.0  # a draft later than this is dropped: that step runs without drafts
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: off
 
@@ -164,6 +169,8 @@ class ClusterConfig:
         self.draft_pool.validate(f"{key}.draft_pool")
         if self.draft_timeout_s <= 0:
             raise ConfigError(f"{key}.draft_timeout_s: must be > 0")
+        if self.pipelining not in PIPELINING:
+            raise ConfigError(f"{key}.pipelining: one of {', '.join(PIPELINING)} (got {self.pipelining!r})")
 
 
 @dataclass

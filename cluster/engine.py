@@ -71,7 +71,7 @@ class Engine:
         cost = CostModel(verify_curve, DraftCost(), sequential_draft) if verify_curve is not None else None
         self.scheduler = Scheduler(SchedulerConfig(spec.k, spec.k_max, spec.adaptive, self.max_model_len,
                                                    spec.prior_acceptance, spec.min_gain), cost,
-                                   executor.overlaps and config.cluster.pipelining)
+                                   config.cluster.pipelining if executor.overlaps else "off")
         self.metrics = EngineMetrics(config.drafter.kind if spec.k > 0 else "none")
         self.timings = EngineTimings()
         self.stats = SpecStats()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from cluster.drafters.configs import ModelDrafterConfig
 from cluster.engine import SpecEngine
 from tools.make_tiny_models import build
 
-torch.set_num_threads(2)
+# Two cores here. Mutation testing forks test processes, and a child forked after torch has started its
+# thread pool can hang: `SPECDEC_TEST_THREADS=1 OMP_NUM_THREADS=1 mutmut run` (the README says so).
+torch.set_num_threads(int(os.environ.get("SPECDEC_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

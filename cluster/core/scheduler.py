@@ -31,10 +31,11 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cost: CostModel | None = None, overlaps: bool = False):
+    def __init__(self, config: SchedulerConfig, cost: CostModel | None = None, pipelining: str = "off"):
         self.config = config
         self.cost = cost
-        self.overlaps = overlaps  # drafting runs on other workers, concurrently with verification
+        # off | auto | always; only where drafting runs on other workers, concurrently with verification
+        self.pipelining = pipelining
         self.waiting: deque = deque()
         self.running: list = []
         self.targets: dict[str, int] = {}  # live target workers: id -> slots
@@ -89,7 +90,7 @@ class Scheduler:
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
         fresh = [s for s in decode if s.proposal is None]
-        if self.overlaps and self._pipeline_pays(decode, held, fresh, budgets):
+        if self._pipeline(decode, held, fresh, budgets):
             group = held or fresh[: (len(fresh) + 1) // 2]
             later = [s for s in decode if s not in group]
             self._verify(plan, group, budgets, now=[s for s in group if s.proposal is None])
@@ -139,12 +140,17 @@ class Scheduler:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]
         plan.verify += [VerifyTask(s.request_id, s.target, s.proposal, self.config.want_hidden) for s in group]
 
-    def _pipeline_pays(self, decode: list, held: list, fresh: list, budgets: dict) -> bool:
+    def _pipeline(self, decode: list, held: list, fresh: list, budgets: dict) -> bool:
+        if self.pipelining == "off" or len(decode) < 2 or not any(budgets.values()):
+            return False
+        return self.pipelining == "always" or self._pipeline_pays(decode, budgets)
+
+    def _pipeline_pays(self, decode: list, budgets: dict) -> bool:
         """Pipelined, in steady state: one half verifies while the other drafts on its own workers, so a
         step costs max(verify one half, draft the other) for half the tokens; unpipelined, a step costs
         draft + verify of everyone. The predicted throughputs decide (the first split step costs a
         little more; steady state is what pipelining is for)."""
-        if self.cost is None or len(decode) < 2 or not any(budgets.values()):
+        if self.cost is None:
             return False
         ks = [budgets[s.request_id] for s in decode]
         alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]

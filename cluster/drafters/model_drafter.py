@@ -7,9 +7,8 @@ import torch
 from cluster.core.messages import Proposal
 from cluster.drafters.base import Drafter, DraftRequest
 from cluster.models.backend import HFBackend, Row
-from cluster.sampling import keyed
-from cluster.sampling.acceptance import coupled_choice
-from cluster.sampling.logits import SamplingTensors, TokenHistory, probs_from_logits, sample_from
+from cluster.sampling.acceptance import draft_choice
+from cluster.sampling.logits import SamplingTensors, TokenHistory, probs_from_logits
 
 
 class ModelDrafter(Drafter):
@@ -93,11 +92,7 @@ class ModelDrafter(Drafter):
         the request's own keyed uniform (independent of the target's)."""
         if req.params.greedy:
             return int(q.argmax())
-        position = req.position + step
-        if self.rule == "coupled":
-            return int(coupled_choice(q, keyed.race_noise(req.seed, position, q.shape[-1])))
-        u = torch.tensor([keyed.uniform(req.seed, position, keyed.DRAFT)], dtype=torch.float64)
-        return int(sample_from(q.double().unsqueeze(0), u)[0])
+        return draft_choice(q, req.seed, req.position + step, self.rule)
 
     def release(self, seq_id: str) -> None:
         slot = self._slots.pop(seq_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cluster.sampling import keyed
 from cluster.sampling.logits import sample_from
 
 
@@ -113,3 +114,13 @@ def recursive_rejection(p: torch.Tensor, candidates: list[tuple[int, torch.Tenso
         # No mass left can only come from float error (r == q, which always accepts): keep r.
         r = residual / residual.sum() if residual.sum() > 0 else r
     return -1, int(sample_from(r.unsqueeze(0), torch.tensor([u_residual], dtype=r.dtype))[0])
+
+
+def draft_choice(q: torch.Tensor, seed: int, position: int, rule: str) -> int:
+    """A sampling drafter's token at an output position. coupled: the race with the target's own noise,
+    so their choices agree as often as possible. rejection: x ~ q with the draft's own keyed uniform,
+    independent of the target's acceptance uniforms (a shared one would bias what is accepted)."""
+    if rule == "coupled":
+        return int(coupled_choice(q, keyed.race_noise(seed, position, q.shape[-1])))
+    u = torch.tensor([keyed.uniform(seed, position, keyed.DRAFT)], dtype=torch.float64)
+    return int(sample_from(q.double().unsqueeze(0), u)[0])

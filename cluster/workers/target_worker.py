@@ -201,9 +201,9 @@ class TargetWorker:
         adjusted = self._adjust(logits, st, history, seqs, proposals)
         probs = probs_from_logits(adjusted, st)
         if self.rule == "rejection" and not all(s.params.greedy for s in seqs):
-            results = self._accept_rejection(probs, seqs, proposals)
+            results = accept_rejection(probs, seqs, proposals)
         else:
-            results = self._accept_coupled(probs, seqs, proposals)
+            results = accept_coupled(probs, seqs, proposals)
         keeps = [[0] + [i + 1 for i in path] for path, _ in results]
         emitted = [p.path_tokens(path) + [token] for p, (path, token) in zip(proposals, results)]
         logprobs = self._logprobs(adjusted, st, seqs, keeps, emitted)
@@ -230,84 +230,6 @@ class TargetWorker:
                                     self.eos_ids)
                 adjusted[i, j] = node.apply(adjusted[i, j].unsqueeze(0))[0]
         return adjusted
-
-    def _accept_coupled(self, probs, seqs, proposals) -> list[tuple[list[int], int]]:
-        """t* at every node (argmax p, or argmax p / E with E keyed by the node's output position); chains
-        are accepted in one batched call over flat metadata, trees walked."""
-        chosen = probs.argmax(-1)  # [B, T]: greedy rows, and the shape for the rest
-        for i, s in enumerate(seqs):
-            if not s.params.greedy:
-                p = proposals[i]
-                depths = [0] + p.depths()
-                noise = {d: keyed.race_noise(s.seed, s.position + d, probs.shape[-1]) for d in set(depths)}
-                chosen[i, : len(p) + 1] = coupled_choice(probs[i, : len(p) + 1], torch.stack([noise[d] for d in depths]))
-        chosen = chosen.cpu()
-        results: list = [None] * len(seqs)
-        chains = [i for i, p in enumerate(proposals) if p.is_chain]
-        if chains:
-            meta = VerifyMetadata.from_chains([proposals[i].tokens for i in chains])
-            index = torch.tensor(chains)
-            drafts = torch.tensor(meta.padded(), dtype=torch.long).reshape(len(chains), meta.width - 1)
-            n, token = accept_chain_coupled(chosen[index, : meta.width], drafts, torch.tensor(meta.num_draft))
-            for r, i in enumerate(chains):
-                results[i] = (list(range(int(n[r]))), int(token[r]))
-        for i, p in enumerate(proposals):
-            if results[i] is None:
-                results[i] = walk_tree(p.tokens, p.children(), chosen[i, : len(p) + 1].tolist())
-        return results
-
-    def _accept_rejection(self, probs, seqs, proposals) -> list[tuple[list[int], int]]:
-        """Leviathan / Chen for chains (batched), recursive rejection over siblings for trees; every
-        uniform keyed by (seed, output position, purpose)."""
-        results: list = [None] * len(seqs)
-        chains = [i for i, p in enumerate(proposals) if p.is_chain]
-        if chains:
-            width = probs.shape[1] - 1
-            b = len(chains)
-            draft = torch.zeros(b, width, dtype=torch.long)
-            q = torch.zeros(b, width, probs.shape[-1]) if width else None
-            u_accept, u_sample = torch.zeros(b, width), torch.zeros(b)
-            for r, i in enumerate(chains):
-                s, p = seqs[i], proposals[i]
-                k = len(p)
-                draft[r, :k] = torch.tensor(p.tokens, dtype=torch.long)
-                if q is not None:
-                    q[r, :k] = p.q[:k] if p.q is not None else torch.nn.functional.one_hot(draft[r, :k], q.shape[-1]).float()
-                u_accept[r, :k] = torch.tensor([keyed.uniform(s.seed, s.position + j, keyed.ACCEPT) for j in range(k)])
-            device = probs.device
-            index = torch.tensor(chains, device=device)
-            n, _ = verify_draft(probs[index], draft.to(device), torch.tensor([len(proposals[i]) for i in chains], device=device),
-                                None if q is None else q.to(device), u_accept.to(device), u_sample.to(device))
-            for r, i in enumerate(chains):  # the next token from p or the residual, keyed by its own position
-                accepted = int(n[r])
-                s, p = seqs[i], proposals[i]
-                u_sample[r] = keyed.uniform(s.seed, s.position + accepted, keyed.RESIDUAL)
-            _, nxt = verify_draft(probs[index], draft.to(device), torch.tensor([len(proposals[i]) for i in chains], device=device),
-                                  None if q is None else q.to(device), u_accept.to(device), u_sample.to(device))
-            for r, i in enumerate(chains):
-                results[i] = (list(range(int(n[r]))), int(nxt[r]))
-        for i, (s, p) in enumerate(zip(seqs, proposals)):
-            if results[i] is not None:
-                continue
-            children, path, at = p.children(), [], 0
-            while True:
-                position = s.position + len(path)
-                kids = children[at]
-                if s.params.greedy:
-                    token = int(probs[i, at].argmax())
-                    child = next((c for c in kids if p.tokens[c] == token), None)
-                else:
-                    candidates = [(p.tokens[c], None if p.q is None else p.q[c]) for c in kids]
-                    u = [keyed.uniform(s.seed, position, keyed.ACCEPT, j) for j in range(len(kids))]
-                    j, token = recursive_rejection(probs[i, at], candidates, u,
-                                                   keyed.uniform(s.seed, position, keyed.RESIDUAL))
-                    child = kids[j] if j >= 0 else None
-                if child is None:
-                    results[i] = (path, token)
-                    break
-                path.append(child)
-                at = child + 1
-        return results
 
     def _sampling(self, seqs: list[_TargetSeq], device):
         params = [s.params for s in seqs]
@@ -357,3 +279,84 @@ class TargetWorker:
 
     def ping(self) -> bool:
         return True
+
+
+# The acceptance rules over a verify batch: pure functions of p, the proposals and each sequence's
+# (seed, output position); the actor only calls them.
+def accept_coupled(probs, seqs, proposals) -> list[tuple[list[int], int]]:
+    """t* at every node (argmax p, or argmax p / E with E keyed by the node's output position); chains
+    are accepted in one batched call over flat metadata, trees walked."""
+    chosen = probs.argmax(-1)  # [B, T]: greedy rows, and the shape for the rest
+    for i, s in enumerate(seqs):
+        if not s.params.greedy:
+            p = proposals[i]
+            depths = [0] + p.depths()
+            noise = {d: keyed.race_noise(s.seed, s.position + d, probs.shape[-1]) for d in set(depths)}
+            chosen[i, : len(p) + 1] = coupled_choice(probs[i, : len(p) + 1], torch.stack([noise[d] for d in depths]))
+    chosen = chosen.cpu()
+    results: list = [None] * len(seqs)
+    chains = [i for i, p in enumerate(proposals) if p.is_chain]
+    if chains:
+        meta = VerifyMetadata.from_chains([proposals[i].tokens for i in chains])
+        index = torch.tensor(chains)
+        drafts = torch.tensor(meta.padded(), dtype=torch.long).reshape(len(chains), meta.width - 1)
+        n, token = accept_chain_coupled(chosen[index, : meta.width], drafts, torch.tensor(meta.num_draft))
+        for r, i in enumerate(chains):
+            results[i] = (list(range(int(n[r]))), int(token[r]))
+    for i, p in enumerate(proposals):
+        if results[i] is None:
+            results[i] = walk_tree(p.tokens, p.children(), chosen[i, : len(p) + 1].tolist())
+    return results
+
+def accept_rejection(probs, seqs, proposals) -> list[tuple[list[int], int]]:
+    """Leviathan / Chen for chains (batched), recursive rejection over siblings for trees; every
+    uniform keyed by (seed, output position, purpose)."""
+    results: list = [None] * len(seqs)
+    chains = [i for i, p in enumerate(proposals) if p.is_chain]
+    if chains:
+        width = probs.shape[1] - 1
+        b = len(chains)
+        draft = torch.zeros(b, width, dtype=torch.long)
+        q = torch.zeros(b, width, probs.shape[-1]) if width else None
+        u_accept, u_sample = torch.zeros(b, width), torch.zeros(b)
+        for r, i in enumerate(chains):
+            s, p = seqs[i], proposals[i]
+            k = len(p)
+            draft[r, :k] = torch.tensor(p.tokens, dtype=torch.long)
+            if q is not None:
+                q[r, :k] = p.q[:k] if p.q is not None else torch.nn.functional.one_hot(draft[r, :k], q.shape[-1]).float()
+            u_accept[r, :k] = torch.tensor([keyed.uniform(s.seed, s.position + j, keyed.ACCEPT) for j in range(k)])
+        device = probs.device
+        index = torch.tensor(chains, device=device)
+        n, _ = verify_draft(probs[index], draft.to(device), torch.tensor([len(proposals[i]) for i in chains], device=device),
+                            None if q is None else q.to(device), u_accept.to(device), u_sample.to(device))
+        for r, i in enumerate(chains):  # the next token from p or the residual, keyed by its own position
+            accepted = int(n[r])
+            s, p = seqs[i], proposals[i]
+            u_sample[r] = keyed.uniform(s.seed, s.position + accepted, keyed.RESIDUAL)
+        _, nxt = verify_draft(probs[index], draft.to(device), torch.tensor([len(proposals[i]) for i in chains], device=device),
+                              None if q is None else q.to(device), u_accept.to(device), u_sample.to(device))
+        for r, i in enumerate(chains):
+            results[i] = (list(range(int(n[r]))), int(nxt[r]))
+    for i, (s, p) in enumerate(zip(seqs, proposals)):
+        if results[i] is not None:
+            continue
+        children, path, at = p.children(), [], 0
+        while True:
+            position = s.position + len(path)
+            kids = children[at]
+            if s.params.greedy:
+                token = int(probs[i, at].argmax())
+                child = next((c for c in kids if p.tokens[c] == token), None)
+            else:
+                candidates = [(p.tokens[c], None if p.q is None else p.q[c]) for c in kids]
+                u = [keyed.uniform(s.seed, position, keyed.ACCEPT, j) for j in range(len(kids))]
+                j, token = recursive_rejection(probs[i, at], candidates, u,
+                                               keyed.uniform(s.seed, position, keyed.RESIDUAL))
+                child = kids[j] if j >= 0 else None
+            if child is None:
+                results[i] = (path, token)
+                break
+            path.append(child)
+            at = child + 1
+    return results

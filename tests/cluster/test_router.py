@@ -81,7 +81,7 @@ def test_pipelining_overlaps_drafting_with_verification(router, ray_local, tiny_
     assert [o.token_ids for o in router.generate(PROMPTS, PARAMS)] == reference
     assert router.pipelined_steps > steps
     assert _overlaps(router, since) >= 5
-    flat = Router(cluster_config(tiny_models, max_batch_size=8, pipelining=False))
+    flat = Router(cluster_config(tiny_models, max_batch_size=8, pipelining="off"))
     try:
         flat.wait_ready()
         since = time.time()
@@ -181,7 +181,7 @@ def test_unpipelined_router_reproduces_in_process_sampling(ray_local, tiny_model
     the same seeds give the same sampled tokens through actors as in one process."""
     params = [SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=s) for s in range(8)]
     local = make_engine("model", k=3, draft="draft_noisy").generate(PROMPTS[:8], params)
-    router = Router(cluster_config(tiny_models, replicas=1, pipelining=False))
+    router = Router(cluster_config(tiny_models, replicas=1, pipelining="off"))
     try:
         router.wait_ready()  # until the draft worker answers, requests verify without drafts (exact, other RNG path)
         remote = router.generate(PROMPTS[:8], params)

@@ -82,8 +82,20 @@ COVERAGE = {"model": (100, 30), "onehot": (100, 30), "ngram": (20, 3)}
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("kind", ["model", "onehot", "ngram"])
 def test_every_position_follows_the_target(make_engine, hf_target, kind, setting):
+    """The coupled rule (the default)."""
+    _check_kind(make_engine, hf_target, kind, setting, "coupled")
+
+
+@pytest.mark.parametrize("kind,setting", [("model", "t1"), ("model", "t07_top_p09"), ("onehot", "t1")])
+def test_the_rejection_rule_follows_the_target_at_every_position(make_engine, hf_target, kind, setting):
+    """Leviathan/Chen rejection through the engine: q read at each draft position, the draft's own keyed
+    uniforms, the residual at the first rejection, the bonus after a full accept."""
+    _check_kind(make_engine, hf_target, kind, setting, "rejection")
+
+
+def _check_kind(make_engine, hf_target, kind: str, setting: str, rule: str):
     engine = make_engine("ngram" if kind == "ngram" else "model", k=3, draft="draft_noisy", max_batch_size=64,
-                         max_waiting=SAMPLES)
+                         max_waiting=SAMPLES, rule=rule)
     if kind == "onehot":
         engine = SpecEngine(engine.config, tokenizer=engine.tokenizer, target=engine.target,
                             drafter=GreedyOneHotDrafter(engine.drafter.drafter))

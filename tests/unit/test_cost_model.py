@@ -101,7 +101,7 @@ def test_budgets_stop_at_what_a_request_may_still_emit():
 def test_pipelining_splits_the_batch_when_drafting_costs_a_real_share():
     # Compute-bound (a CPU): every token costs, in verification and in drafting alike.
     slow_draft = CostModel(CostCurve(0.002, 0.0, 0.004), DraftCost(0.0, 0.0, 0.004))
-    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), slow_draft, overlaps=True)
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), slow_draft, pipelining="auto")
     sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
     seqs = [_seq(i) for i in range(4)]
     for s in seqs:
@@ -121,6 +121,13 @@ def test_pipelining_splits_the_batch_when_drafting_costs_a_real_share():
     for s in seqs:
         s.proposal = None
     assert not sched.schedule().pipelined  # free drafts: one group, verified every step
+    sched.pipelining = "always"
+    assert sched.schedule().pipelined  # forced: split even though it does not pay
+    sched.pipelining = "off"
+    for s in seqs:
+        s.proposal = None
+    sched.cost = slow_draft
+    assert not sched.schedule().pipelined  # off: never, even where it pays
 
 
 def test_a_marginal_gain_is_not_taken():

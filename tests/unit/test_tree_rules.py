@@ -90,3 +90,29 @@ def test_flat_verify_metadata():
     assert meta.draft_token_ids == [0, 1, 2, 3, 4]
     assert meta.target_logits_indices == [0, 1, 8, 9, 10] and meta.bonus_logits_indices == [2, 4, 11]
     assert meta.padded() == [[0, 1, -1], [-1, -1, -1], [2, 3, 4]]
+
+
+@pytest.mark.parametrize("rule", ["rejection", "coupled"])
+def test_drafter_and_target_draws_composed_through_their_real_keys_keep_p(rule):
+    """The drafter's keyed draw (draft_choice, at DraftRequest.position) then the target's keyed
+    acceptance (at _TargetSeq.position), over many seeds: the first emitted token follows p. With
+    q = (.5, .5) and p = (.25, .75) a draft that reused the acceptance uniform would emit token 0 half
+    the time (it is drawn when u < .5 and then always accepted)."""
+    from cluster.drafters.base import DraftRequest
+    from cluster.sampling.acceptance import draft_choice
+    from cluster.types import SamplingParams
+    from cluster.workers.target_worker import _TargetSeq, accept_coupled, accept_rejection
+
+    p = torch.tensor([0.25, 0.75, 0.0, 0.0, 0.0, 0.0])
+    q = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    probs = torch.stack([p, p]).unsqueeze(0)  # [1, K + 1 = 2, V]
+    accept = accept_rejection if rule == "rejection" else accept_coupled
+    tokens = []
+    for seed in range(4000):
+        request = DraftRequest("r", [7, 8, 9], 1, params, seed, num_prompt=2)
+        x = draft_choice(q, seed, request.position, rule)
+        seq = _TargetSeq(0, [7, 8, 9], 2, params, seed)
+        path, nxt = accept(probs, [seq], [Proposal.chain([x], q.unsqueeze(0))])[0]
+        tokens.append(x if path else nxt)
+    _assert_distributed_as(tokens, p.double())

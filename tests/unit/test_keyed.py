@@ -28,3 +28,12 @@ def test_the_race_samples_p():
     assert counts[1] == 0
     keep = p > 0
     assert chisquare(counts[keep].numpy(), (p[keep] * 20000).numpy()).pvalue > 1e-4
+
+
+def test_keys_are_pinned_across_versions():
+    """A seeded request must give the same tokens on every replica, during a rolling upgrade too: the key
+    function is part of the contract, so its values are pinned (a change here is a breaking change)."""
+    cases = [(0, 0, 1, 0), (2**64 - 1, 7, 2, 0), (12345, 3, 4, 2)]
+    assert [keyed.key(*c) for c in cases] == [6348422647138760783, 2668869219881535327, 6059243796867456059]
+    assert keyed.uniform(42, 5, keyed.ACCEPT) == 0.08382235859971865
+    assert keyed.key(0, 0, 1) == keyed.key(0, 0, 1, 0)  # the default branch is branch 0

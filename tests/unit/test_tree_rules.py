@@ -76,10 +76,27 @@ def test_recursive_rejection_keeps_the_distribution(name):
         j, token = recursive_rejection(P, candidates, u[:-1], u[-1])
         emitted.append(token)
         accepted += j >= 0
-        assert j < 0 or token == candidates[j][0]
+        assert j in range(-1, len(qs)) and (j < 0 or token == candidates[j][0])
     _assert_distributed_as(emitted, P)
     if name == "two-disjoint":
         assert accepted < len(emitted) * 0.1  # p gives most of these drafts little or no mass
+    if name == "three-identical":
+        assert accepted == len(emitted)  # q = p: r / q = 1, the first candidate is always kept
+
+
+def test_recursive_rejection_with_deterministic_candidates_keeps_the_distribution():
+    """One-hot candidates (q = None: prompt lookup, greedy drafts): accepted with probability r(x), then
+    r loses x; a token nobody proposed comes from the last residual."""
+    gen = torch.Generator().manual_seed(1)
+    emitted, first = [], 0
+    for _ in range(N // 4):
+        u = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+        j, token = recursive_rejection(P, [(0, None), (2, None)], u[:-1], u[-1])
+        assert j in (-1, 0, 1) and (j < 0 or token == (0, 2)[j]) and (j >= 0 or token not in (0, 2))
+        emitted.append(token)
+        first += j == 0
+    _assert_distributed_as(emitted, P)
+    assert abs(first / len(emitted) - float(P[0])) < 0.02  # the first candidate is accepted w.p. p(x)
 
 
 def test_flat_verify_metadata():
@@ -108,11 +125,15 @@ def test_drafter_and_target_draws_composed_through_their_real_keys_keep_p(rule):
     params = SamplingParams(temperature=1.0, max_tokens=8)
     probs = torch.stack([p, p]).unsqueeze(0)  # [1, K + 1 = 2, V]
     accept = accept_rejection if rule == "rejection" else accept_coupled
-    tokens = []
+    tokens, kept = [], 0
     for seed in range(4000):
         request = DraftRequest("r", [7, 8, 9], 1, params, seed, num_prompt=2)
         x = draft_choice(q, seed, request.position, rule)
         seq = _TargetSeq(0, [7, 8, 9], 2, params, seed)
         path, nxt = accept(probs, [seq], [Proposal.chain([x], q.unsqueeze(0))])[0]
         tokens.append(x if path else nxt)
+        kept += bool(path)
     _assert_distributed_as(tokens, p.double())
+    # Both rules keep the draft w.p. sum(min(p, q)) = 0.75 here (rejection: by the ratio test; coupled: the
+    # shared race makes the draft the target's own choice that often). Drafting apart from the rule gives 0.5.
+    assert abs(kept / len(tokens) - 0.75) < 0.03, kept / len(tokens)

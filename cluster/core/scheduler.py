@@ -90,7 +90,7 @@ class Scheduler:
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
         fresh = [s for s in decode if s.proposal is None]
-        if self._pipeline(decode, held, fresh, budgets):
+        if self._pipeline(decode, budgets):
             group = held or fresh[: (len(fresh) + 1) // 2]
             later = [s for s in decode if s not in group]
             self._verify(plan, group, budgets, now=[s for s in group if s.proposal is None])
@@ -140,7 +140,7 @@ class Scheduler:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]
         plan.verify += [VerifyTask(s.request_id, s.target, s.proposal, self.config.want_hidden) for s in group]
 
-    def _pipeline(self, decode: list, held: list, fresh: list, budgets: dict) -> bool:
+    def _pipeline(self, decode: list, budgets: dict) -> bool:
         if self.pipelining == "off" or len(decode) < 2 or not any(budgets.values()):
             return False
         return self.pipelining == "always" or self._pipeline_pays(decode, budgets)

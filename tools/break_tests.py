@@ -40,13 +40,15 @@ BREAKAGES = [
              "        residual = 0.95 * residual / residual.sum(-1, keepdim=True) + 0.05 * (dist > 0).float() / "
              "(dist > 0).float().sum(-1, keepdim=True)\n",
              ("tests/unit/test_acceptance.py::test_output_is_distributed_as_target_at_every_position",
-              "tests/engine/test_sampling_positions.py::test_every_position_follows_the_target[model-t1]")),
+              "tests/engine/test_sampling_positions.py::test_the_rejection_rule_follows_the_target_at_every_position"
+              "[model-t1]")),
     Breakage("bonus-from-residual", "a fully accepted draft treated as rejected: the bonus comes from the residual",
              "cluster/sampling/acceptance.py",
              "    rejected = num_accepted < num_draft\n",
              "    rejected = (num_accepted < num_draft) | (num_draft > 0)\n",
-             ("tests/unit/test_acceptance.py::test_output_is_distributed_as_target_at_every_position",
-              "tests/engine/test_sampling_positions.py::test_every_position_follows_the_target[model-t1]")),
+             # Only the unit test: through the engine, q is zero past the draft, so the "residual" at the bonus
+             # position is p itself and this breakage changes nothing there (measured: the engine test passes).
+             ("tests/unit/test_acceptance.py::test_output_is_distributed_as_target_at_every_position",)),
     Breakage("q-shifted", "the target reads q one position late (q misaligned at draft positions >= 2)",
              "cluster/workers/target_worker.py",
              "                q[r, :k] = p.q[:k] if p.q is not None else",

@@ -341,7 +341,7 @@ class SpecEngine(Engine):
     """The loop on plain workers in this process."""
 
     def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, drafter=None, target=None):
-        from cluster.drafters.registry import BuildContext
+        from cluster.drafters.registry import DRAFTERS, BuildContext
         from cluster.executors.local import LocalExecutor
         from cluster.models.loader import load_model, load_tokenizer
         from cluster.workers.draft_worker import DraftWorker
@@ -363,6 +363,6 @@ class SpecEngine(Engine):
                                    sections=config.drafter.sections)
             self.drafter = DraftWorker(config.drafter.kind, config.drafter.section, context, drafter=drafter)
         curve = target.calibrate() if spec.calibrate and spec.k > 0 else None
-        sequential = self.drafter is not None and config.drafter.kind in ("model", "layerskip", "quantized")
+        sequential = self.drafter is not None and DRAFTERS[config.drafter.kind].model_based
         super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
                          target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cluster.core.messages import Proposal
 from cluster.drafters.base import Drafter, DraftRequest
-from cluster.drafters.registry import build_drafter
+from cluster.drafters.registry import DRAFTERS, build_drafter
 
 
 class MultiDrafter(Drafter):
@@ -97,7 +97,7 @@ def merge(proposals: list[tuple[str, Proposal]], budget: int) -> tuple[Proposal,
 
 
 def build(section, context) -> MultiDrafter:
-    sampling = [m for m in section.members if m in ("model", "layerskip", "quantized")]
+    sampling = [m for m in section.members if DRAFTERS[m].model_based]
     if context.rule == "rejection" and sampling:
         raise ValueError(f"drafter.multi: members {sampling} sample; merge them under rule: coupled")
     return MultiDrafter({name: build_drafter(name, context.sections[name], context) for name in section.members})

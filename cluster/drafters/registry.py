@@ -21,16 +21,19 @@ class Kind:
     config: type  # the kind's config section (a dataclass with validate(key, check_paths))
     builder: str  # "module:function"; build(section, context) -> Drafter
     description: str
+    # Runs a model: it samples from its own q, and its draft steps cost real time, one after another.
+    model_based: bool = False
 
 
 DRAFTERS: dict[str, Kind] = {
     "ngram": Kind(NgramConfig, "cluster.drafters.ngram:build", "prompt lookup over the sequence's own tokens; no model"),
-    "model": Kind(ModelDrafterConfig, "cluster.drafters.model_drafter:build", "a small causal LM sharing the tokenizer"),
+    "model": Kind(ModelDrafterConfig, "cluster.drafters.model_drafter:build", "a small causal LM sharing the tokenizer",
+                  model_based=True),
     "suffix": Kind(SuffixConfig, "cluster.drafters.suffix:build", "search over each request, recent outputs, a corpus"),
     "layerskip": Kind(LayerSkipConfig, "cluster.drafters.model_drafter:build_layerskip",
-                      "the target's first layers + head: a compressed copy, no training"),
+                      "the target's first layers + head: a compressed copy, no training", model_based=True),
     "quantized": Kind(QuantizedConfig, "cluster.drafters.model_drafter:build_quantized",
-                      "the target with int8 linear layers: a compressed copy, no training"),
+                      "the target with int8 linear layers: a compressed copy, no training", model_based=True),
     "multi": Kind(MultiConfig, "cluster.drafters.multi:build", "several drafters merged into one token tree"),
 }
 

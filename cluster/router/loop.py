@@ -12,7 +12,7 @@ import ray
 
 from cluster.config import EngineConfig
 from cluster.core.cost_model import CostCurve
-from cluster.drafters.registry import BuildContext
+from cluster.drafters.registry import DRAFTERS, BuildContext
 from cluster.engine import Engine
 from cluster.executors.ray_executor import ActorPool, RayExecutor
 from cluster.models.loader import load_tokenizer
@@ -44,7 +44,7 @@ class Router(Engine):
         self.targets, self.drafts = targets, drafters
         executor = RayExecutor(targets, drafters, slots, info["vocab_size"], cluster.draft_timeout_s)
         super().__init__(config, executor, tokenizer, info["vocab_size"], info["max_context"], set(info["eos_ids"]),
-                         curve, sequential_draft=config.drafter.kind in ("model", "layerskip", "quantized"))
+                         curve, sequential_draft=DRAFTERS[config.drafter.kind].model_based)
         if cluster.metrics_port:
             self.metrics.serve(cluster.metrics_port)
 

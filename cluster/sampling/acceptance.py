@@ -116,11 +116,17 @@ def recursive_rejection(p: torch.Tensor, candidates: list[tuple[int, torch.Tenso
     return -1, int(sample_from(r.unsqueeze(0), torch.tensor([u_residual], dtype=r.dtype))[0])
 
 
-def draft_choice(q: torch.Tensor, seed: int, position: int, rule: str) -> int:
-    """A sampling drafter's token at an output position. coupled: the race with the target's own noise,
-    so their choices agree as often as possible. rejection: x ~ q with the draft's own keyed uniform,
-    independent of the target's acceptance uniforms (a shared one would bias what is accepted)."""
+def keyed_choice(probs: torch.Tensor, seed: int, position: int, rule: str, purpose: int) -> int:
+    """One sampled token from probs [V] at an output position. coupled: the race with the noise the target
+    and every drafter share, so their choices agree as often as possible. rejection: inverse-CDF with the
+    uniform keyed by `purpose` (a drafter's DRAFT, the target's RESIDUAL), independent of the acceptance
+    uniforms (a draft drawn with those would bias what is accepted)."""
     if rule == "coupled":
-        return int(coupled_choice(q, keyed.race_noise(seed, position, q.shape[-1])))
-    u = torch.tensor([keyed.uniform(seed, position, keyed.DRAFT)], dtype=torch.float64)
-    return int(sample_from(q.double().unsqueeze(0), u)[0])
+        return int(coupled_choice(probs, keyed.race_noise(seed, position, probs.shape[-1])))
+    u = torch.tensor([keyed.uniform(seed, position, purpose)], dtype=torch.float64)
+    return int(sample_from(probs.double().unsqueeze(0), u)[0])
+
+
+def draft_choice(q: torch.Tensor, seed: int, position: int, rule: str) -> int:
+    """A sampling drafter's token: keyed by the drafter's own purpose, never the target's."""
+    return keyed_choice(q, seed, position, rule, keyed.DRAFT)

@@ -29,6 +29,7 @@ from cluster.sampling import keyed
 from cluster.sampling.acceptance import (
     accept_chain_coupled,
     coupled_choice,
+    keyed_choice,
     recursive_rejection,
     verify_draft,
     walk_tree,
@@ -39,7 +40,6 @@ from cluster.sampling.logits import (
     adjust_logits,
     logprobs_from_logits,
     probs_from_logits,
-    sample_from,
 )
 from cluster.types import SamplingParams, TokenLogprob
 from cluster.workers.isolation import Failure, isolated
@@ -165,10 +165,7 @@ class TargetWorker:
         """The target's own token at a position with nothing drafted (or nothing accepted, coupled)."""
         if seq.params.greedy:
             return int(p.argmax())
-        if self.rule == "coupled":
-            return int(coupled_choice(p, keyed.race_noise(seq.seed, position, p.shape[-1])))
-        u = torch.tensor([keyed.uniform(seq.seed, position, keyed.RESIDUAL)], dtype=torch.float64)
-        return int(sample_from(p.double().unsqueeze(0), u)[0])
+        return keyed_choice(p, seq.seed, position, self.rule, keyed.RESIDUAL)
 
     # --- verify ------------------------------------------------------------------------------------
     def _verify(self, items: list[VerifyTask]) -> list[Verdict]:

@@ -32,8 +32,33 @@ class Row:
 
 @dataclass
 class PassOutput:
-    logits: torch.Tensor  # float32 [B, T_max, V], or [B, V] at each row's last token when last_only
+    """A pass's logits, as the backend made them: `flat` [N, V] float32 holds the logits of the positions
+    in `index` (each one's flat place row * T + j in the padded [B, T] grid); index None means flat is
+    the whole grid. With last_only, flat is [B, V] (each row's last token) and shape None."""
+
+    flat: torch.Tensor
+    shape: tuple[int, int] | None = None  # (B, T_max) of the padded grid
+    index: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # [B, T_max, H] last hidden states, when asked
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, T_max, V] (zeros at padding), or [B, V] with last_only."""
+        if self.shape is None:
+            return self.flat
+        if self.index is None:
+            return self.flat.view(*self.shape, -1)
+        out = self.flat.new_zeros(self.shape[0] * self.shape[1], self.flat.shape[-1])
+        out[self.index] = self.flat
+        return out.view(*self.shape, -1)
+
+    def argmax(self) -> torch.Tensor:
+        """[B, T_max] argmax token at every position (0 at padding), without building the padded logits."""
+        if self.shape is None or self.index is None:
+            return self.flat.argmax(-1).view(*(self.shape or (-1,)))
+        out = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.long, device=self.flat.device)
+        out[self.index] = self.flat.argmax(-1)
+        return out.view(*self.shape)
 
 
 class HFBackend:
@@ -98,7 +123,9 @@ class HFBackend:
         logits = self.head(out).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return PassOutput(logits, out if hidden else None)
+        if last_only:
+            return PassOutput(logits, hidden=out if hidden else None)
+        return PassOutput(logits.view(len(rows) * width, -1), (len(rows), width), hidden=out if hidden else None)
 
     @torch.inference_mode()
     def commit(self, slot: int, start: int, keep: list[int]) -> None:
@@ -112,34 +139,38 @@ class HFBackend:
                     layer[slot, :, dst] = layer[slot, :, src]
         self.cache.truncate(slot, start + len(keep))
 
-    def cost(self, rows: int, tokens: int) -> float:
-        """Predicted seconds of a pass of `rows` rows carrying `tokens` new tokens in all."""
+    def cost(self, rows: int, tokens: int, kv: int = 0) -> float:
+        """Predicted seconds of a pass of `rows` rows carrying `tokens` new tokens in all, attending over
+        `kv` keys in all."""
         if self.curve is None:
             self.calibrate()
-        return self.curve(rows, tokens)
+        return self.curve(rows, tokens, kv)
 
     # --- measuring the cost curve ------------------------------------------------------------------
-    def calibrate(self, context: int = 64, repeats: int = 5) -> CostCurve:
-        """Time passes on a small grid of (rows, tokens per row) over scratch slots; fit the curve."""
+    def calibrate(self, contexts: tuple[int, ...] = (64, 512), repeats: int = 3) -> CostCurve:
+        """Time passes on a small grid of (rows, tokens per row, cached context) over scratch slots; fit
+        the curve (the engine refits it from real passes as it runs)."""
         free = self.cache.num_free
         row_grid = sorted({r for r in (1, 2, 4, 8, 16, 32) if r <= free} or {1})
         samples = []
         slots = [self.cache.allocate() for _ in range(max(row_grid))]
         try:
-            for rows in row_grid:
-                for per_row in (1, 2, 4, 8):
-                    if context + per_row > self.cache.capacity:
-                        continue
-                    times = []
-                    for _ in range(repeats + 1):  # the first run warms up
-                        for s in slots[:rows]:
-                            self.cache.truncate(s, 0)
-                            self.cache.reserve(s, context)
-                            self.cache.lengths[s] = context  # attend over a realistic prefix (stale values)
-                        start = time.perf_counter()
-                        self.forward([Row(s, [0] * per_row) for s in slots[:rows]])
-                        times.append(time.perf_counter() - start)
-                    samples.append((rows, rows * per_row, sorted(times[1:])[len(times[1:]) // 2]))
+            for context in contexts:
+                for rows in row_grid:
+                    for per_row in (1, 2, 4, 8):
+                        if context + per_row > self.cache.capacity:
+                            continue
+                        times = []
+                        for _ in range(repeats + 1):  # the first run warms up
+                            for s in slots[:rows]:
+                                self.cache.truncate(s, 0)
+                                self.cache.reserve(s, context)
+                                self.cache.lengths[s] = context  # attend over a realistic prefix (stale values)
+                            start = time.perf_counter()
+                            self.forward([Row(s, [0] * per_row) for s in slots[:rows]])
+                            times.append(time.perf_counter() - start)
+                        tokens = rows * per_row
+                        samples.append((rows, tokens, rows * context + tokens, sorted(times[1:])[len(times[1:]) // 2]))
         finally:
             for s in slots:
                 self.cache.free(s)

@@ -180,7 +180,7 @@ class TargetWorker:
         want_hidden = any(item.want_hidden for item in items)
         try:
             out = self.backend.forward(rows, hidden=want_hidden)
-            verdicts, keeps = self._accept(out.logits, seqs, proposals)
+            verdicts, keeps = self._accept(out, seqs, proposals)
         except Exception:
             for s, start in zip(seqs, starts):
                 cache.truncate(s.slot, start)
@@ -192,9 +192,16 @@ class TargetWorker:
                 v.hidden = out.hidden[row, keep].float().cpu()
         return verdicts
 
-    def _accept(self, logits: torch.Tensor, seqs: list[_TargetSeq], proposals: list[Proposal]):
-        device = logits.device
+    def _accept(self, out, seqs: list[_TargetSeq], proposals: list[Proposal]):
+        device = out.flat.device
         st, history = self._sampling(seqs, device)
+        if st.all_greedy and st.logit_bias is None and history is None and all(s.params.logprobs is None for s in seqs):
+            # The common serving case: the target's tokens are the argmax of the raw logits; no [B, T, V]
+            # probabilities (nor the padded logits) are ever built.
+            results = accept_coupled(None, seqs, proposals, chosen=out.argmax())
+            keeps = [[0] + [i + 1 for i in path] for path, _ in results]
+            return [Verdict(path, token) for path, token in results], keeps
+        logits = out.logits
         adjusted = self._adjust(logits, st, history, seqs, proposals)
         probs = probs_from_logits(adjusted, st)
         if self.rule == "rejection" and not all(s.params.greedy for s in seqs):
@@ -280,10 +287,11 @@ class TargetWorker:
 
 # The acceptance rules over a verify batch: pure functions of p, the proposals and each sequence's
 # (seed, output position); the actor only calls them.
-def accept_coupled(probs, seqs, proposals) -> list[tuple[list[int], int]]:
+def accept_coupled(probs, seqs, proposals, chosen=None) -> list[tuple[list[int], int]]:
     """t* at every node (argmax p, or argmax p / E with E keyed by the node's output position); chains
-    are accepted in one batched call over flat metadata, trees walked."""
-    chosen = probs.argmax(-1)  # [B, T]: greedy rows, and the shape for the rest
+    are accepted in one batched call over flat metadata, trees walked. `chosen` [B, T]: the argmax at
+    every node, when the caller has it (all rows greedy: then probs is not needed)."""
+    chosen = probs.argmax(-1) if chosen is None else chosen  # [B, T]: greedy rows, and the shape for the rest
     for i, s in enumerate(seqs):
         if not s.params.greedy:
             p = proposals[i]

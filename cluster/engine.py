@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from cluster.config import EngineConfig
 from cluster.core.cost_model import CostCurve, CostModel, DraftCost
 from cluster.core.messages import StepPlan, Verdict
-from cluster.core.scheduler import Scheduler, SchedulerConfig
+from cluster.core.scheduler import Scheduler, SchedulerConfig, context
 from cluster.errors import EngineOverloadedError, InvalidRequestError
 from cluster.metrics import EngineMetrics
 from cluster.requests import OutputProcessor, RequestBuilder, Sequence, collect, longest_token_chars
@@ -184,9 +184,23 @@ class Engine:
             if not task.now:
                 self._seq(task.seq_id).drafting = True
         result = self.executor.execute(plan)
+        passes = self._pass_shapes(plan, result)  # before update: the contexts the passes saw
         deltas = self._update(plan, result)
-        self._measure(plan, result, time.perf_counter() - start)
+        self._measure(plan, result, time.perf_counter() - start, passes)
         return deltas
+
+    def _pass_shapes(self, plan: StepPlan, result) -> list[tuple[int, int, int, float]]:
+        """(rows, tokens, kv, seconds) of each target worker's verify pass this step."""
+        shapes: dict[str, list[int]] = {}
+        for task in plan.verify:
+            seq = self._seq(task.seq_id)
+            if seq is None or task.target not in result.verify_busy:
+                continue
+            proposal = task.proposal if task.proposal is not None else result.proposals.get(task.seq_id)
+            n = 1 + (len(proposal) if proposal else 0)
+            shape = shapes.setdefault(task.target, [0, 0, 0])
+            shape[0], shape[1], shape[2] = shape[0] + 1, shape[1] + n, shape[2] + context(seq) + n
+        return [(*shape, result.verify_busy[w]) for w, shape in shapes.items() if result.verify_busy[w] > 0]
 
     def _update(self, plan: StepPlan, result) -> list[TokenDelta]:
         deltas: list[TokenDelta] = []
@@ -300,7 +314,7 @@ class Engine:
         return next((s for s in self.running if s.request_id == request_id), None)
 
     # --- measuring ---------------------------------------------------------------------------------
-    def _measure(self, plan: StepPlan, result, measured: float) -> None:
+    def _measure(self, plan: StepPlan, result, measured: float, passes: list) -> None:
         self.timings.steps += 1
         self.timings.prefill_s += result.prefill_s
         self.timings.draft_s += result.draft_s
@@ -311,11 +325,16 @@ class Engine:
             return
         for steps, nodes, seconds in result.draft_calls:
             cost.draft.observe(steps, nodes, seconds)
+        for shape in passes:
+            cost.observe_pass(*shape)
+        if plan.admit:
+            cost.observe_prefill(sum(len(a.tokens) for a in plan.admit), result.prefill_s)
         if plan.predicted_s > 0:
             self.step_errors.append(abs(plan.predicted_s - measured) / measured)
             self.metrics.step_predicted.observe(plan.predicted_s)
         self.metrics.step_measured.observe(measured)
-        cost.timer.observe(plan.predicted_verify_s, plan.predicted_draft_s, measured)
+        if not plan.admit:  # a step with prefills is mostly prefill: it says little about the overhead
+            cost.timer.observe(plan.predicted_verify_s, plan.predicted_draft_s, measured)
         self.metrics.step_time_error.set(self.step_time_error())
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.running))

@@ -1,9 +1,8 @@
 """How much to speculate, from measured costs (pure: no torch, no Ray).
 
-A step costs draft time + verify time + overhead. The verify pass's time is a curve over (rows, tokens)
-measured on the backend at start; the draft time is learned from the drafter's own calls; a small
-recursive least-squares fit maps those predictions to the step times actually measured (absorbing
-overhead and drift). Each request's acceptance is estimated from its own verify passes, shrunk towards
+A step costs draft time + verify time + overhead. The verify pass's time is a curve over (rows, tokens,
+keys attended) measured on the backend at start and refitted from the passes actually run; the draft
+time is learned from the drafter's own calls; the overhead is what the two leave unexplained. Each request's acceptance is estimated from its own verify passes, shrunk towards
 the drafter's average. Budgets are then chosen greedily for the whole step: a request's draft grows by
 one token while the expected tokens per second of the step go up. Starting from no drafts, a plan is
 never predicted slower than plain decoding.
@@ -12,44 +11,53 @@ never predicted slower than plain decoding.
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 
 @dataclass
 class CostCurve:
-    """seconds ~ a + b * rows + c * tokens, fitted by least squares (each term kept >= 0)."""
+    """seconds ~ a + b * rows + c * tokens + d * kv, fitted by least squares (each term kept >= 0).
+
+    tokens: new tokens in the pass (packed: padding costs nothing); kv: keys attended, summed over rows
+    (each row's context plus its new tokens). Attention reads every row's whole context, so at 32 rows x
+    300 tokens of context the kv term is a good part of a decode step: a curve without it mispredicts
+    as contexts grow."""
 
     a: float
     b: float
     c: float
-    samples: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
+    d: float = 0.0
+    samples: list[tuple[int, int, int, float]] = field(default_factory=list, repr=False)  # (rows, tokens, kv, s)
 
-    def __call__(self, rows: int, tokens: int) -> float:
-        return self.a + self.b * rows + self.c * tokens
+    def __call__(self, rows: int, tokens: int, kv: int = 0) -> float:
+        return self.a + self.b * rows + self.c * tokens + self.d * kv
 
     @staticmethod
-    def fit(samples: list[tuple[int, int, float]]) -> CostCurve:
-        """Non-negative least squares over the three terms (the best fit among the subsets of terms whose
+    def fit(samples: list[tuple[int, int, int, float]]) -> CostCurve:
+        """Non-negative least squares over the four terms (the best fit among the subsets of terms whose
         coefficients all come out >= 0)."""
         if not samples:
             return CostCurve(0.0, 0.0, 0.0)
-        y = [s for _, _, s in samples]
-        features = [[1.0, r, t] for r, t, _ in samples]
-        best, best_err = [0.0, 0.0, sum(y) / max(sum(t for _, t, _ in samples), 1)], float("inf")
-        for terms in ([0, 1, 2], [0, 2], [0, 1], [1, 2], [0], [2]):
-            coef = _least_squares([[row[i] for i in terms] for row in features], y)
-            if coef is None or min(coef) < 0:
-                continue
-            full = [0.0, 0.0, 0.0]
-            for i, c in zip(terms, coef):
-                full[i] = c
-            err = sum((full[0] + full[1] * r + full[2] * t - s) ** 2 for r, t, s in samples)
-            if err < best_err:
-                best, best_err = full, err
+        y = [s for *_, s in samples]
+        features = [[1.0, r, t, kv] for r, t, kv, _ in samples]
+        best, best_err = [0.0, 0.0, sum(y) / max(sum(t for _, t, _, _ in samples), 1), 0.0], float("inf")
+        for size in (4, 3, 2, 1):
+            for terms in itertools.combinations(range(4), size):
+                coef = _least_squares([[row[i] for i in terms] for row in features], y)
+                if coef is None or min(coef) < 0:
+                    continue
+                full = [0.0] * 4
+                for i, c in zip(terms, coef):
+                    full[i] = c
+                err = sum((sum(f * w for f, w in zip(row, full)) - s) ** 2 for row, s in zip(features, y))
+                if err < best_err:
+                    best, best_err = full, err
         return CostCurve(*best, samples=list(samples))
 
     def relative_errors(self) -> list[float]:
-        return [abs(self(r, t) - s) / s for r, t, s in self.samples if s > 0]
+        return [abs(self(r, t, kv) - s) / s for r, t, kv, s in self.samples if s > 0]
 
 
 @dataclass
@@ -101,28 +109,26 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 class StepTimer:
-    """measured step seconds ~ x0 + x1 * predicted verify + x2 * predicted draft, by recursive least
-    squares with forgetting: the overhead and any bias of the curves, learned from every step."""
+    """measured step seconds ~ predicted verify + predicted draft + overhead, the overhead (router,
+    transfers, bookkeeping) an exponential average of what the two curves leave unexplained.
 
-    def __init__(self, forgetting: float = 0.9):
-        self.theta = [0.0, 1.0, 1.0]
-        self.p = [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)]
-        self.forgetting = forgetting
+    The curves carry their own scale: the verify curve is refitted from measured passes, the draft cost
+    from timed draft calls. Fitting free slopes to both here (a regression on two correlated predictors)
+    let one absorb the other's error: it once priced drafts at 2.8x their measured time and stopped all
+    drafting at 32 streams."""
+
+    def __init__(self, weight: float = 0.1):
+        self.overhead = 0.0
+        self.weight = weight
         self.steps = 0
 
     def predict(self, verify_s: float, draft_s: float) -> float:
-        """Never below half the curves' own estimate: an early fit may stray, the compute does not vanish."""
-        x = (1.0, verify_s, draft_s)
-        return max(sum(t * v for t, v in zip(self.theta, x)), 0.5 * (verify_s + draft_s), 1e-6)
+        """Never below half the curves' own estimate: an early average may stray, the compute does not vanish."""
+        return max(verify_s + draft_s + self.overhead, 0.5 * (verify_s + draft_s), 1e-6)
 
     def observe(self, verify_s: float, draft_s: float, measured_s: float) -> None:
-        x = (1.0, verify_s, draft_s)
-        px = [sum(self.p[i][j] * x[j] for j in range(3)) for i in range(3)]
-        denom = self.forgetting + sum(x[i] * px[i] for i in range(3))
-        gain = [v / denom for v in px]
-        error = measured_s - sum(t * v for t, v in zip(self.theta, x))
-        self.theta = [t + g * error for t, g in zip(self.theta, gain)]
-        self.p = [[(self.p[i][j] - gain[i] * px[j]) / self.forgetting for j in range(3)] for i in range(3)]
+        w = 1.0 if self.steps == 0 else self.weight
+        self.overhead += w * (measured_s - verify_s - draft_s - self.overhead)
         self.steps += 1
 
 
@@ -136,46 +142,97 @@ class Budgets:
 
 
 class CostModel:
+    REFIT_EVERY = 16  # verify passes between refits of the curve from measured passes
+
     def __init__(self, verify: CostCurve, draft: DraftCost | None = None, sequential_draft: bool = False):
         self.verify = verify
         self.draft = draft or DraftCost()
         self.sequential_draft = sequential_draft  # a model drafter: one forward per draft position
         self.timer = StepTimer()
+        self.calibration = list(verify.samples)  # the grid measured at start: the curve's global shape
+        self.measured: deque[tuple[int, int, int, float]] = deque(maxlen=256)  # recent real passes
+        self.prefill_rate: float | None = None  # seconds per prompt token, measured
+
+    def observe_pass(self, rows: int, tokens: int, kv: int, seconds: float) -> None:
+        """A verify pass as it ran: the curve is refitted from these and the start grid, so it follows the
+        shapes the scheduler actually plans (and the machine's drift), not only the grid."""
+        self.measured.append((rows, tokens, kv, seconds))
+        if len(self.measured) % self.REFIT_EVERY == 0:
+            self.verify = CostCurve.fit(self.calibration + list(self.measured))
+
+    def observe_prefill(self, tokens: int, seconds: float, weight: float = 0.3) -> None:
+        """A prefill as it ran. Prompts run hundreds of tokens per row, far off the verify grid, so their
+        cost is learned on its own: seconds per prompt token."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = seconds / tokens
+        self.prefill_rate = rate if self.prefill_rate is None else (1 - weight) * self.prefill_rate + weight * rate
+
+    def prefill_seconds(self, rows: int, tokens: int) -> float:
+        if self.prefill_rate is None:  # nothing measured yet: the verify curve's extrapolation
+            return self.verify(rows, tokens, tokens)
+        return self.prefill_rate * tokens
+
+    def pass_seconds(self, ks: list[int], contexts: list[int]) -> float:
+        """Predicted verify pass over rows with ks drafts each, on contexts[i] cached tokens."""
+        if not ks:
+            return 0.0
+        tokens = len(ks) + sum(ks)
+        return self.verify(len(ks), tokens, sum(contexts) + tokens)
 
     def draft_seconds(self, ks: list[int]) -> float:
         nodes = sum(ks)
         return self.draft(max(ks, default=0) if self.sequential_draft else 1, nodes)
 
-    def step_seconds(self, ks: list[int], overlapped: bool = False) -> tuple[float, float, float]:
+    def step_seconds(self, ks: list[int], contexts: list[int] | None = None,
+                     overlapped: bool = False) -> tuple[float, float, float]:
         """(predicted step, verify, draft) seconds for one verify pass over len(ks) rows with ks drafts."""
-        verify = self.verify(len(ks), len(ks) + sum(ks)) if ks else 0.0
+        verify = self.pass_seconds(ks, contexts if contexts is not None else [0] * len(ks))
         draft = self.draft_seconds(ks)
         return self.timer.predict(verify, 0.0 if overlapped else draft), verify, draft
 
-    def choose(self, alphas: list[float], caps: list[int], min_gain: float = 0.0) -> Budgets:
+    def choose(self, alphas: list[float], caps: list[int], min_gain: float = 0.0,
+               contexts: list[int] | None = None) -> Budgets:
         """Per-request draft lengths (each <= its cap) maximising expected tokens per second of the step.
+
+        Increments are taken best first (the next token of request r is worth alpha_r^(k_r + 1) expected
+        tokens) all the way to the caps, and the best prefix of that order wins: a draft call's fixed cost
+        can make the first increment a loss and the first ten a gain, so stopping at the first loss is
+        wrong. The empty prefix (plain decoding) is a candidate, so the plan is never predicted slower.
         A plan predicted less than `min_gain` faster than plain decoding is dropped for plain decoding:
         predictions are noisy, and a marginal draft is not worth its risk."""
-        ks = [0] * len(alphas)
-        tokens = float(len(alphas))
-        step, verify, draft = self.step_seconds(ks)
-        plain = Budgets(list(ks), tokens, verify, draft, step)
-        # The next token of request r is worth alpha_r^(k_r + 1) expected tokens: best first.
+        rows = len(alphas)
+        context = sum(contexts) if contexts is not None else 0
+        ks = [0] * rows
+
+        def step(nodes: int, longest: int) -> tuple[float, float, float]:
+            verify = self.verify(rows, rows + nodes, context + rows + nodes) if rows else 0.0
+            draft = self.draft(longest if self.sequential_draft else 1, nodes)
+            return self.timer.predict(verify, draft), verify, draft
+
+        plain_step, verify, draft = step(0, 0)
+        plain = Budgets(list(ks), float(rows), verify, draft, plain_step)
+        best, best_rate, taken = 0, rows / max(plain_step, 1e-12), []
+        tokens, nodes, longest = float(rows), 0, 0
         heap = [(-a, i) for i, (a, cap) in enumerate(zip(alphas, caps)) if cap > 0 and a > 0]
         heapq.heapify(heap)
         while heap:
             neg_gain, i = heapq.heappop(heap)
             ks[i] += 1
-            new_step, new_verify, new_draft = self.step_seconds(ks)
-            if new_step <= 0 or (tokens - neg_gain) / new_step <= tokens / max(step, 1e-12):
-                ks[i] -= 1  # the best remaining increment does not pay: none does
-                break
-            tokens, step, verify, draft = tokens - neg_gain, new_step, new_verify, new_draft
+            taken.append(i)
+            tokens, nodes, longest = tokens - neg_gain, nodes + 1, max(longest, ks[i])
+            rate = tokens / max(step(nodes, longest)[0], 1e-12)
+            if rate > best_rate:
+                best, best_rate = len(taken), rate
             if ks[i] < caps[i]:
                 heapq.heappush(heap, (-(alphas[i] ** (ks[i] + 1)), i))
-        if min_gain and tokens / max(step, 1e-12) < (1 + min_gain) * plain.tokens / max(plain.step_s, 1e-12):
+        if best == 0 or best_rate < (1 + min_gain) * rows / max(plain_step, 1e-12):
             return plain
-        return Budgets(ks, tokens, verify, draft, step)
+        ks = [0] * rows
+        for i in taken[:best]:
+            ks[i] += 1
+        step_s, verify, draft = self.step_seconds(ks, contexts)
+        return Budgets(ks, sum(expected_tokens(a, k) for a, k in zip(alphas, ks)), verify, draft, step_s)
 
 
 def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:

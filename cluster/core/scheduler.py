@@ -30,6 +30,11 @@ class SchedulerConfig:
     want_hidden: bool = False  # drafters that read the target's hidden states (parallel heads)
 
 
+def context(seq) -> int:
+    """Tokens in a request's target cache: all but the pending one (emitted, fed by the next pass)."""
+    return max(len(seq.tokens) - 1, 0)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cost: CostModel | None = None, pipelining: str = "off"):
         self.config = config
@@ -86,7 +91,7 @@ class Scheduler:
             ks = [min(self.config.k, c) for c in caps]
         else:
             alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
-            ks = self.cost.choose(alphas, caps, self.config.min_gain).ks
+            ks = self.cost.choose(alphas, caps, self.config.min_gain, [context(s) for s in decode]).ks
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
         fresh = [s for s in decode if s.proposal is None]
@@ -154,10 +159,11 @@ class Scheduler:
             return False
         ks = [budgets[s.request_id] for s in decode]
         alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
-        flat_time, _, _ = self.cost.step_seconds(ks)
+        contexts = [context(s) for s in decode]
+        flat_time, _, _ = self.cost.step_seconds(ks, contexts)
         flat_tokens = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
         half = len(decode) // 2
-        _, verify, _ = self.cost.step_seconds(ks[:half])
+        _, verify, _ = self.cost.step_seconds(ks[:half], contexts[:half])
         piped_time = self.cost.timer.predict(max(verify, self.cost.draft_seconds(ks[half:])), 0.0)
         piped_tokens = sum(expected_tokens(a, k) for a, k in zip(alphas[:half], ks[:half]))
         return piped_time > 0 and flat_time > 0 and piped_tokens / piped_time > flat_tokens / flat_time
@@ -165,12 +171,11 @@ class Scheduler:
     def _predict(self, plan: StepPlan, decode: list, budgets: dict) -> float:
         if self.cost is None:
             return 0.0
-        verified = {v.seq_id for v in plan.verify}
-        ks = [len(s.proposal) if s.proposal is not None else budgets[s.request_id] for s in decode
-              if s.request_id in verified]
-        verify = self.cost.verify(len(ks), len(ks) + sum(ks)) if ks else 0.0
+        verified = [s for s in decode if s.request_id in {v.seq_id for v in plan.verify}]
+        ks = [len(s.proposal) if s.proposal is not None else budgets[s.request_id] for s in verified]
+        verify = self.cost.pass_seconds(ks, [context(s) for s in verified])
         if plan.admit:  # a prefill is a pass over the prompts
-            verify += self.cost.verify(len(plan.admit), sum(len(a.tokens) for a in plan.admit))
+            verify += self.cost.prefill_seconds(len(plan.admit), sum(len(a.tokens) for a in plan.admit))
         now = self.cost.draft_seconds([t.budget for t in plan.draft if t.now])
         later = self.cost.draft_seconds([t.budget for t in plan.draft if not t.now])
         plan.predicted_verify_s, plan.predicted_draft_s = verify, (max(later - verify, 0.0) + now)

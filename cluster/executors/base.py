@@ -17,6 +17,7 @@ class StepResult:
     lost: set = field(default_factory=set)  # seq_ids whose results were lost with a dead worker
     draft_calls: list = field(default_factory=list)  # (steps, nodes, seconds) per draft call: for the cost model
     verify_s: float = 0.0  # longest target compute in the step
+    verify_busy: dict = field(default_factory=dict)  # target worker -> seconds its verify pass computed
     draft_s: float = 0.0  # draft compute the verify waited for
     prefill_s: float = 0.0
 

@@ -42,6 +42,7 @@ class LocalExecutor:
         for worker, tasks in by_worker(resolve_verify(plan, result.proposals), "target").items():
             verdicts, busy = self.targets[worker].verify_timed(tasks)
             result.verify_s = max(result.verify_s, busy)
+            result.verify_busy[worker] = busy
             for task, v in zip(tasks, verdicts):
                 result.verdicts[task.seq_id] = v
         return result

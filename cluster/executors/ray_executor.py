@@ -128,6 +128,7 @@ class RayExecutor:
             try:
                 verdicts, busy = ray.get(ref)
                 result.verify_s = max(result.verify_s, busy)
+                result.verify_busy[worker] = busy
                 for task, v in zip(tasks, verdicts):
                     result.verdicts[task.seq_id] = v
             except RayActorError:

@@ -40,7 +40,7 @@ class Router(Engine):
         curve = None
         if spec.calibrate and spec.k > 0:
             curve = ray.get(first.calibrate.remote())
-            curve = CostCurve(curve.a, curve.b, curve.c, curve.samples)
+            curve = CostCurve(curve.a, curve.b, curve.c, curve.d, curve.samples)
         self.targets, self.drafts = targets, drafters
         executor = RayExecutor(targets, drafters, slots, info["vocab_size"], cluster.draft_timeout_s)
         super().__init__(config, executor, tokenizer, info["vocab_size"], info["max_context"], set(info["eos_ids"]),

@@ -13,19 +13,39 @@ from cluster.types import SamplingParams
 
 
 def test_curve_fit_recovers_a_linear_cost():
-    truth = CostCurve(0.03, 0.001, 0.0005)
-    samples = [(r, r * t, truth(r, r * t)) for r in (1, 2, 4, 8) for t in (1, 2, 4, 8)]
+    truth = CostCurve(0.03, 0.001, 0.0005, 0.00002)
+    samples = [(r, r * t, r * (c + t), truth(r, r * t, r * (c + t))) for r in (1, 2, 4, 8) for t in (1, 2, 4, 8)
+               for c in (64, 512)]
     fitted = CostCurve.fit(samples)
-    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((0.03, 0.001, 0.0005), rel=1e-6)
+    assert (fitted.a, fitted.b, fitted.c, fitted.d) == pytest.approx((0.03, 0.001, 0.0005, 0.00002), rel=1e-6)
     assert max(fitted.relative_errors()) < 1e-6
+    no_context = CostCurve.fit([(r, t, kv, s - 0.00002 * kv) for r, t, kv, s in samples])
+    assert no_context.d == 0.0 and no_context.c == pytest.approx(0.0005)  # a term is never negative
 
 
-def test_step_timer_learns_overhead_and_bias():
+def test_the_curve_follows_measured_passes():
+    """Refitted from real passes, the curve learns a cost the start grid did not show (here: the context)."""
+    start = CostCurve.fit([(r, r * t, r * (64 + t), 0.01 + 0.001 * r * t) for r in (1, 4, 16) for t in (1, 4)])
+    model = CostModel(start)
+    assert model.pass_seconds([0] * 32, [600] * 32) == pytest.approx(0.01 + 0.032, rel=1e-6)
+    for i in range(CostModel.REFIT_EVERY):
+        rows = 8 + i
+        model.observe_pass(rows, rows, rows * 601, 0.01 + 0.001 * rows + 0.00001 * rows * 601)
+    assert model.pass_seconds([0] * 32, [600] * 32) == pytest.approx(0.01 + 0.032 + 0.00001 * 32 * 601, rel=0.05)
+
+
+def test_step_timer_learns_the_overhead_and_keeps_the_curves_scale():
     timer, rng = StepTimer(), random.Random(0)
     for _ in range(300):
         verify, draft = rng.uniform(0.01, 0.1), rng.uniform(0.0, 0.05)
-        timer.observe(verify, draft, 0.004 + 1.2 * verify + 0.9 * draft)
-    assert timer.predict(0.05, 0.02) == pytest.approx(0.004 + 1.2 * 0.05 + 0.9 * 0.02, rel=1e-3)
+        timer.observe(verify, draft, 0.004 + verify + draft + rng.uniform(-0.001, 0.001))
+    assert timer.predict(0.05, 0.02) == pytest.approx(0.004 + 0.05 + 0.02, abs=1e-3)
+    # Drafting correlated with a verify curve that reads low: the error stays overhead, drafts are not blamed.
+    timer = StepTimer()
+    for _ in range(300):
+        verify = rng.uniform(0.05, 0.1)
+        timer.observe(verify, 0.1 * verify, 1.1 * verify + 0.1 * verify)
+    assert timer.predict(0.075, 0.0075) - timer.predict(0.075, 0.0) == pytest.approx(0.0075)
 
 
 def test_acceptance_counts_trials_until_the_first_rejection():

@@ -327,6 +327,9 @@ class Engine:
             cost.draft.observe(steps, nodes, seconds)
         for shape in passes:
             cost.observe_pass(*shape)
+        verdicts = [v for v in result.verdicts.values() if isinstance(v, Verdict)]
+        if verdicts and plan.predicted_tokens > len(plan.verify):
+            cost.observe_tokens(plan.predicted_tokens - len(plan.verify), sum(v.accepted for v in verdicts))
         if plan.admit:
             cost.observe_prefill(sum(len(a.tokens) for a in plan.admit), result.prefill_s)
         if plan.predicted_s > 0:

@@ -125,6 +125,7 @@ class StepPlan:
     verify: list[VerifyTask] = field(default_factory=list)
     pipelined: bool = False  # some drafts are for the other group (next step), made while this one verifies
     predicted_s: float = 0.0  # the cost model's prediction for this step
+    predicted_tokens: float = 0.0  # tokens the verified requests are expected to emit (drafts accepted + 1 each)
     predicted_verify_s: float = 0.0  # its parts, as the cost curves see them (prefill included in verify)
     predicted_draft_s: float = 0.0
 

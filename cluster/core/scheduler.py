@@ -173,6 +173,8 @@ class Scheduler:
             return 0.0
         verified = [s for s in decode if s.request_id in {v.seq_id for v in plan.verify}]
         ks = [len(s.proposal) if s.proposal is not None else budgets[s.request_id] for s in verified]
+        plan.predicted_tokens = sum(expected_tokens(s.acceptance.rate(self.acceptance_prior), k)
+                                    for s, k in zip(verified, ks))
         verify = self.cost.pass_seconds(ks, [context(s) for s in verified])
         if plan.admit:  # a prefill is a pass over the prompts
             verify += self.cost.prefill_seconds(len(plan.admit), sum(len(a.tokens) for a in plan.admit))

@@ -96,3 +96,21 @@ def test_bf16_speculative_greedy_is_the_targets_argmax_outside_near_ties(make_en
     # near-ties a tiny, repetitive model has depends on the CPU's rounding (10.6% seen on one machine).
     assert totals["near_ties"] <= totals["positions"] // 4, totals
     assert engine.stats.accepted > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_weight_major_products_equal_linear(dtype):
+    """The lean backend's small-batch matrix products (mv for one token, mm(w, x^T) for a few in bf16)
+    compute F.linear: equal within the dtype's rounding, on every side of the size thresholds."""
+    from cluster.models.lean import SMALL_BATCH, _linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 0.06
+    for n in (1, 2, SMALL_BATCH, SMALL_BATCH + 1):
+        x = torch.randn(n, 64, generator=g).to(dtype)
+        for b in (None, bias):
+            got, want = _linear(x, w, b), torch.nn.functional.linear(x, w, b)
+            assert got.shape == want.shape and got.is_contiguous()
+            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (n, dtype)

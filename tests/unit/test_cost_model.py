@@ -154,3 +154,19 @@ def test_a_marginal_gain_is_not_taken():
     model = CostModel(CostCurve(0.05, 0.0, 0.004), DraftCost(0.0, 0.0, 0.0))
     assert model.choose([0.3], [8]).ks != [0]  # a small predicted gain
     assert model.choose([0.3], [8], min_gain=0.25).ks == [0]  # 21% predicted: below the margin, plain decoding
+
+
+def test_budgets_follow_the_measured_acceptance_of_the_whole_step():
+    """When passes deliver fewer accepted drafts than the per-request estimates promised, the cost model
+    scales its expectation down and stops drafting where the margin was thin."""
+    model = CostModel(CostCurve(0.05, 0.0, 0.004), DraftCost(0.0, 0.0, 0.0))
+    alphas, caps = [0.5] * 8, [8] * 8
+    assert sum(model.choose(alphas, caps, min_gain=0.03).ks) > 0  # predicted to pay
+    for _ in range(40):
+        model.observe_tokens(predicted_accepted=8.0, accepted=2)  # a quarter of the promise arrives
+    assert model.token_scale == pytest.approx(0.25, abs=0.01)
+    assert model.choose(alphas, caps, min_gain=0.03).ks == [0] * 8
+    for _ in range(200):
+        model.observe_tokens(predicted_accepted=8.0, accepted=8)  # and back: recent steps weigh most
+    assert model.token_scale == pytest.approx(1.0, abs=0.01)
+    assert sum(model.choose(alphas, caps, min_gain=0.03).ks) > 0

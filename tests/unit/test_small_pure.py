@@ -23,6 +23,33 @@ def test_lookup_truncates_at_end_and_handles_short_sequences():
     assert lookup_continuation([4], 5, 1, 3) == []
 
 
+def test_the_incremental_index_equals_a_full_scan():
+    """The drafter's index, extended a few tokens at a time, proposes what a scan of the whole sequence
+    finds (an independent numpy reference), at every length."""
+    import random
+
+    import numpy as np
+
+    def scan(tokens, k, lo, hi):
+        arr = np.asarray(tokens)
+        for n in range(min(hi, len(arr) - 1), lo - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
+            hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+            if hits.size:
+                return arr[hits[-1] + n: hits[-1] + n + k].tolist()
+        return []
+
+    rng = random.Random(0)
+    for lo, hi in ((1, 4), (2, 3), (1, 1)):
+        drafter, tokens = NgramDrafter(lo, hi), []
+        while len(tokens) < 300:
+            tokens.extend(rng.randrange(6) for _ in range(rng.randint(1, 5)))  # few symbols: many repeats
+            got = drafter.propose([DraftRequest("s", tokens, 4, SamplingParams())])[0].tokens
+            assert got == scan(tokens, 4, lo, hi), (lo, hi, len(tokens))
+    drafter.release("s")
+    assert drafter.num_sequences == 0
+
+
 def test_ngram_drafter_proposes_chains_without_q():
     drafter = NgramDrafter(1, 3)
     p = SamplingParams()

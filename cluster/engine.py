@@ -384,7 +384,9 @@ class SpecEngine(Engine):
                                    rule=spec.rule, target=config.target, target_model=target.backend.model,
                                    sections=config.drafter.sections)
             self.drafter = DraftWorker(config.drafter.kind, config.drafter.section, context, drafter=drafter)
-        curve = target.calibrate() if spec.calibrate and spec.k > 0 else None
+        # The cost model is measured only where the scheduler uses it: adaptive budgets (in one process
+        # nothing pipelines). A fixed K needs no curve, and the grid costs seconds per engine.
+        curve = target.calibrate() if spec.calibrate and spec.k > 0 and spec.adaptive else None
         sequential = self.drafter is not None and DRAFTERS[config.drafter.kind].model_based
         super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
                          target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)

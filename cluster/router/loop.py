@@ -38,7 +38,7 @@ class Router(Engine):
             drafters = ActorPool("draft", lambda: start_draft_actor(cluster.draft_pool, config.drafter, context),
                                  cluster.draft_pool.replicas)
         curve = None
-        if spec.calibrate and spec.k > 0:
+        if spec.calibrate and spec.k > 0 and (spec.adaptive or cluster.pipelining == "auto"):
             curve = ray.get(first.calibrate.remote())
             curve = CostCurve(curve.a, curve.b, curve.c, curve.d, curve.samples)
         self.targets, self.drafts = targets, drafters

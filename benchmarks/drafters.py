@@ -19,28 +19,46 @@ from pathlib import Path
 import torch
 
 from benchmarks.cluster_load import emit
+from benchmarks.exactness import check_outputs
 from benchmarks.speculative import run_hf
 from cluster.config import DrafterConfig, load_config
-from cluster.drafters.configs import LayerSkipConfig, MultiConfig, NgramConfig, QuantizedConfig, SuffixConfig
+from cluster.drafters.configs import (
+    HeadsConfig,
+    LayerSkipConfig,
+    MultiConfig,
+    NgramConfig,
+    QuantizedConfig,
+    SuffixConfig,
+)
 from cluster.engine import SpecEngine
 from cluster.types import SamplingParams
 
 WORKLOADS = Path(__file__).with_name("workloads")
 
 
-def drafters(layers: int) -> dict[str, DrafterConfig | None]:
-    return {
+def drafters(layers: int, heads: str | None) -> dict[str, DrafterConfig | None]:
+    """Every kind; multi merges the cheap searches and, where trained, the heads (the model-based copies
+    cost too much per call on this CPU to ride along)."""
+    out = {
         "k0": None,
         "ngram": DrafterConfig("ngram", {"ngram": NgramConfig()}),
         "suffix": DrafterConfig("suffix", {"suffix": SuffixConfig()}),
         "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers)}),
         "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
-        "multi": DrafterConfig("multi", {"multi": MultiConfig(["ngram", "suffix", "layerskip"]),
-                                         "layerskip": LayerSkipConfig(layers)}),
     }
+    members = ["ngram", "suffix"]
+    if heads:
+        out["heads"] = DrafterConfig("heads", {"heads": HeadsConfig(heads)})
+        members.append("heads")
+    sections = {"multi": MultiConfig(members)} | ({"heads": HeadsConfig(heads)} if heads else {})
+    out["multi"] = DrafterConfig("multi", sections)
+    return out
 
 
 def prompts_of(workload: str, tokenizer, count: int) -> list[str]:
+    if workload == "mixed":  # W-edit and W-chat interleaved: one stream, two kinds of request
+        edit, chat = prompts_of("edit", tokenizer, (count + 1) // 2), prompts_of("chat", tokenizer, count // 2)
+        return [p for pair in zip(edit, chat + [None]) for p in pair if p is not None][:count]
     rows = [json.loads(line) for line in (WORKLOADS / f"{workload}.jsonl").read_text().splitlines()]
     step = max(1, len(rows) // count) if workload != "agent" else 1  # the agent session runs in order
     chosen = [r["prompt"] for r in rows[::step][:count]]
@@ -74,7 +92,10 @@ def run(engine: SpecEngine, prompts: list[str], max_tokens: int) -> dict:
         tried = sum(1 for d, _ in record if d > j)
         per_position.append(round(sum(1 for d, a in record if d > j and a > j) / tried, 3) if tried else None)
     drafting_steps = sum(1 for d, _ in record if d)
-    return {"outputs": outputs, "tokens_per_s": tokens / seconds, "tokens_per_pass": (tokens - len(prompts)) / max(passes, 1),
+    # Per-token acceptance a (the i.i.d. model's maximum likelihood): accepted / (accepted + rejections).
+    trials = sum(a + (1 if a < d else 0) for d, a in record if d)
+    per_token = sum(a for d, a in record if d) / trials if trials else None
+    return {"outputs": outputs, "per_token_acceptance": per_token, "tokens_per_s": tokens / seconds, "tokens_per_pass": (tokens - len(prompts)) / max(passes, 1),
             "per_position_acceptance": per_position,
             "drafter_us_per_step": 1e6 * (engine.timings.draft_s - draft_s) / max(drafting_steps, 1)}
 
@@ -90,14 +111,23 @@ def truncated_copy(model, layers: int):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--workloads", nargs="+", default=["edit", "agent", "chat", "code"])
+    parser.add_argument("--workloads", nargs="+", default=["edit", "agent", "chat", "code", "mixed"])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=8, help="layers of the layer-skip draft")
+    parser.add_argument("--heads", default=None, help="trained heads (tools/train_heads.py; default: "
+                        "models/<target>-heads when it exists)")
+    parser.add_argument("--drafters", nargs="+", default=None, help="only these (k0 always runs)")
+    parser.add_argument("--fixed-k", type=int, default=4, help="the model-based copies also run at this fixed K, "
+                        "so their acceptance is measured even where the cost model would not draft")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = load_config(args.config)
+    heads = args.heads
+    if heads is None:
+        default = Path(config.target.path).with_name(Path(config.target.path).name + "-heads")
+        heads = str(default) if (default / "heads.safetensors").is_file() else None
     base_cfg = copy.deepcopy(config)
     base_cfg.speculation.k = 0
     base = SpecEngine(base_cfg)
@@ -106,7 +136,11 @@ def main(argv=None) -> dict:
         prompts = prompts_of(workload, base.tokenizer, args.prompts)
         base.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm
         reference = run(base, prompts, args.max_tokens)
-        for name, drafter in drafters(args.layers).items():
+        prompt_ids = [base.build(p).tokens for p in prompts]
+        for name, drafter in drafters(args.layers, heads).items():
+            if args.drafters and name != "k0" and name not in args.drafters:
+                continue
+            fixed = None
             if drafter is None:
                 result = reference
             else:
@@ -115,12 +149,23 @@ def main(argv=None) -> dict:
                 cfg.validate(check_paths=False)
                 engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
                 result = run(engine, prompts, args.max_tokens)
+                if name in ("layerskip", "quantized"):  # the copy's own acceptance, drafting every step
+                    cfg.speculation.k, cfg.speculation.adaptive = args.fixed_k, False
+                    engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
+                    fixed = run(engine, prompts[: max(2, len(prompts) // 2)], args.max_tokens)["per_token_acceptance"]
+                    fixed = round(fixed, 3) if fixed is not None else None
+            check = check_outputs(base.target.backend.model, prompt_ids, result["outputs"])
             rows.append({"drafter": name, "workload": workload, "tokens_per_pass": round(result["tokens_per_pass"], 3),
                          "per_position_acceptance": result["per_position_acceptance"],
+                         "per_token_acceptance": None if result["per_token_acceptance"] is None
+                         else round(result["per_token_acceptance"], 3),
                          "drafter_us_per_step": round(result["drafter_us_per_step"], 1),
                          "tokens_per_s": round(result["tokens_per_s"], 2),
                          "speedup": round(result["tokens_per_s"] / reference["tokens_per_s"], 3),
-                         "exact": result["outputs"] == reference["outputs"]})
+                         # target's argmax outside near-ties (teacher-forced); identical: equal to K = 0's tokens
+                         "exact": check["exact"], "near_tie_rate": check["near_tie_rate"],
+                         "identical_to_k0": result["outputs"] == reference["outputs"],
+                         **({"acceptance_fixed_k": fixed} if fixed is not None else {})})
             print(f"{workload} {name}: {rows[-1]['tokens_per_s']} tok/s", flush=True, file=__import__("sys").stderr)
         model, tok = base.target.backend.model, base.tokenizer
         model.generation_config.pad_token_id = tok.eos_token_id
@@ -130,6 +175,7 @@ def main(argv=None) -> dict:
             peers.append({"workload": workload, "method": method, "tokens_per_s": round(h["tokens"] / h["seconds"], 2)})
     result = {"target": config.target.path.rsplit("/", 1)[-1], "dtype": str(base.target.backend.dtype),
               "prompts_per_workload": args.prompts, "max_tokens": args.max_tokens, "layerskip_layers": args.layers,
+              "heads": heads, "fixed_k": args.fixed_k,
               "rows": rows, "peers": peers}
     emit(result, args.json, ["workload", "drafter", "tokens_per_pass", "drafter_us_per_step", "tokens_per_s",
                              "speedup", "exact"])

@@ -36,3 +36,13 @@ def teacher_forced_check(model, prompt_ids: list[int], output_ids: list[int]) ->
     agree = top2.indices[:, 0].cpu() == emitted
     tie = gap < near_tie_tolerance(top2.values[:, 0].cpu(), dtype)
     return {"positions": len(output_ids), "near_ties": int(tie.sum()), "mismatches": int((~agree & ~tie).sum())}
+
+
+def check_outputs(model, prompt_ids: list[list[int]], outputs: list[list[int]]) -> dict:
+    """teacher_forced_check summed over many outputs, plus near_tie_rate and exact (no mismatch)."""
+    totals = {"positions": 0, "near_ties": 0, "mismatches": 0}
+    for ids, out in zip(prompt_ids, outputs):
+        for key, value in teacher_forced_check(model, ids, out).items():
+            totals[key] += value
+    return {**totals, "near_tie_rate": round(totals["near_ties"] / max(totals["positions"], 1), 4),
+            "exact": totals["mismatches"] == 0}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.exactness import teacher_forced_check
+from benchmarks.exactness import check_outputs
 from cluster.config import load_config
 from cluster.engine import SpecEngine
 from cluster.models.loader import load_model
@@ -135,13 +135,9 @@ def main(argv=None) -> dict:
     }
     # In a reduced dtype, exact means: every emitted token is the target's argmax in a dense teacher-forced
     # pass, except at near-ties (benchmarks/exactness.py). Counted over the speculative outputs.
-    check = {"positions": 0, "near_ties": 0, "mismatches": 0}
-    for prompt, out in zip(prompts, s["outputs"]):
-        for key, value in teacher_forced_check(spec.target.backend.model, spec.tokenizer.encode(prompt), out).items():
-            check[key] += value
-    result["teacher_forced"] = check
-    result["near_tie_rate"] = round(check["near_ties"] / max(check["positions"], 1), 4)
-    result["exact"] = check["mismatches"] == 0
+    check = check_outputs(spec.target.backend.model, [spec.build(p).tokens for p in prompts], s["outputs"])
+    result["teacher_forced"] = {k: check[k] for k in ("positions", "near_ties", "mismatches")}
+    result["near_tie_rate"], result["exact"] = check["near_tie_rate"], check["exact"]
     if not args.no_hf:
         model, tok = spec.target.backend.model, spec.tokenizer
         gen_cfg = model.generation_config

@@ -244,6 +244,6 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> EngineConf
     data = yaml.safe_load(path.read_text()) or {}
     config = from_dict(EngineConfig, data)
     for section in [config.target, *config.drafter.sections.values()]:
-        if isinstance(section, ModelConfig):
+        if hasattr(section, "resolve"):  # sections that name files: relative to this config file
             section.resolve(path.parent)
     return config.validate(check_paths)

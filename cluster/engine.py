@@ -69,8 +69,11 @@ class Engine:
         self.requests = RequestBuilder(tokenizer, request_limits, self.max_model_len, max_chars)
         self.output = OutputProcessor(self.eos_ids, self.max_model_len)
         cost = CostModel(verify_curve, DraftCost(), sequential_draft) if verify_curve is not None else None
+        from cluster.drafters.registry import DRAFTERS
+
+        reads_hidden = spec.k > 0 and any(DRAFTERS[k].reads_hidden for k in config.drafter.kinds_in_use())
         self.scheduler = Scheduler(SchedulerConfig(spec.k, spec.k_max, spec.adaptive, self.max_model_len,
-                                                   spec.prior_acceptance, spec.min_gain), cost,
+                                                   spec.prior_acceptance, spec.min_gain, reads_hidden), cost,
                                    config.cluster.pipelining if executor.overlaps else "off")
         self.metrics = EngineMetrics(config.drafter.kind if spec.k > 0 else "none")
         self.timings = EngineTimings()
@@ -219,9 +222,9 @@ class Engine:
             if isinstance(r, Failure):
                 deltas.append(self._fail(seq, r.message))
             elif item.resume:
-                seq.ready, seq.resume = True, False
+                seq.ready, seq.resume, seq.hidden = True, False, None
             else:
-                seq.ready = True
+                seq.ready, seq.hidden = True, r.hidden
                 deltas.append(self._emit(seq, [r.token], r.logprobs))
         drafted = [t for t in plan.draft]
         for task in drafted:
@@ -244,8 +247,10 @@ class Engine:
             proposal = task.proposal if task.proposal is not None else result.proposals.get(task.seq_id)
             seq.proposal = None
             if isinstance(v, Failure):
+                seq.hidden = None
                 deltas.append(self._fail(seq, v.message))
                 continue
+            seq.hidden = v.hidden
             deltas.append(self._apply(seq, len(proposal) if proposal else 0, v,
                                       proposal.path_tokens(v.path) if proposal else []))
         self._retire()

@@ -48,6 +48,7 @@ class Sequence:
     drafting: bool = False  # a draft for it is in flight beside a verify
     draft_synced: int = 0  # tokens its draft worker has been sent
     last_accepted: int | None = None  # accepted nodes of its last proposal (the drafter's feedback)
+    hidden: object = None  # the target's hidden state behind its pending token (for drafters that read it)
     arrival: float = 0.0
     first_token_at: float | None = None
 

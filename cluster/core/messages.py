@@ -71,7 +71,9 @@ class Verdict:
     path: list[int]
     token: int
     logprobs: list[TokenLogprob] | None = None
-    hidden: object = None  # [len(path) + 1, H] target hidden states at the emitted positions, when asked
+    # [H], when asked: the target's last hidden state at the position whose logits chose `token` (the end of
+    # the accepted path): what parallel heads read to draft the tokens after it.
+    hidden: object = None
 
     @property
     def accepted(self) -> int:
@@ -89,6 +91,7 @@ class Prefill:
     params: SamplingParams
     seed: int
     resume: bool = False  # after a failover: tokens[-1] was already emitted; cache the rest, emit nothing
+    want_hidden: bool = False  # return the last position's hidden state (drafters that read it)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class DraftTask:
     num_prompt: int
     now: bool = True  # needed by this step's verify (False: drafted for the next step, beside it)
     last_accepted: int | None = None  # how much of this request's previous proposal was accepted
+    hidden: object = None  # [H] the target's hidden state behind the pending token (drafters that read it)
 
 
 @dataclass

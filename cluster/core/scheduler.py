@@ -28,6 +28,7 @@ class SchedulerConfig:
     prior_acceptance: float = 0.5
     min_gain: float = 0.03  # speculate only where the cost model predicts at least this much gain
     want_hidden: bool = False  # drafters that read the target's hidden states (parallel heads)
+    probe_every: int = 16  # plain steps in a row before a probing draft (the cost model's fresh evidence)
 
 
 def context(seq) -> int:
@@ -46,6 +47,7 @@ class Scheduler:
         self.targets: dict[str, int] = {}  # live target workers: id -> slots
         self.drafters: dict[str, int] = {}  # live draft workers: id -> slots
         self.acceptance_prior = config.prior_acceptance
+        self.plain_steps = 0  # steps in a row the cost model chose no draft at all
 
     # --- workers -----------------------------------------------------------------------------------
     def load(self, worker: str) -> int:
@@ -92,6 +94,7 @@ class Scheduler:
         else:
             alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
             ks = self.cost.choose(alphas, caps, self.config.min_gain, [context(s) for s in decode]).ks
+            ks = self._probe(ks, alphas, caps)
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
         fresh = [s for s in decode if s.proposal is None]
@@ -107,6 +110,20 @@ class Scheduler:
         plan.predicted_s = self._predict(plan, decode, budgets)
         return plan
 
+    def _probe(self, ks: list[int], alphas: list[float], caps: list[int]) -> list[int]:
+        """After probe_every steps without a draft, draft once anyway (the likeliest request, the prior K):
+        a plan of plain decoding produces no new evidence, so one slow first draft call, or acceptance
+        that has since changed, would otherwise keep drafting off for good."""
+        if any(ks) or not any(caps):
+            self.plain_steps = 0
+            return ks
+        self.plain_steps += 1
+        if self.plain_steps < self.config.probe_every:
+            return ks
+        self.plain_steps = 0
+        best = max((i for i, c in enumerate(caps) if c), key=lambda i: alphas[i])
+        return [min(self.config.k, caps[i]) if i == best else 0 for i in range(len(ks))]
+
     def cap(self, seq) -> int:
         """Never draft past what the request may still emit, nor past the context."""
         remaining = seq.params.max_tokens - len(seq.output_ids) - 1
@@ -120,7 +137,7 @@ class Scheduler:
             if seq.target is None:
                 return
             plan.admit.append(Prefill(seq.request_id, seq.target, list(seq.tokens), seq.num_prompt, seq.params,
-                                      seq.seed, resume=True))
+                                      seq.seed, resume=True, want_hidden=self.config.want_hidden))
         while self.waiting:
             target = self._least_loaded(self.targets)
             if target is None:
@@ -128,7 +145,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.target = target
             self.running.append(seq)  # from here on it counts in its target's load
-            plan.admit.append(Prefill(seq.request_id, target, list(seq.tokens), seq.num_prompt, seq.params, seq.seed))
+            plan.admit.append(Prefill(seq.request_id, target, list(seq.tokens), seq.num_prompt, seq.params, seq.seed,
+                                      want_hidden=self.config.want_hidden))
 
     def _assign_drafters(self) -> None:
         if self.config.k == 0:
@@ -139,7 +157,7 @@ class Scheduler:
 
     def _draft_task(self, seq, budget: int, now: bool) -> DraftTask:
         return DraftTask(seq.request_id, seq.drafter, seq.draft_synced, seq.tokens[seq.draft_synced:], budget,
-                         seq.params, seq.seed, seq.num_prompt, now, seq.last_accepted)
+                         seq.params, seq.seed, seq.num_prompt, now, seq.last_accepted, seq.hidden)
 
     def _verify(self, plan: StepPlan, group: list, budgets: dict, now: list) -> None:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]

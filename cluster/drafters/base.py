@@ -28,6 +28,7 @@ class DraftRequest:
     params: SamplingParams
     seed: int = 0
     num_prompt: int = 0  # tokens[:num_prompt] is the prompt
+    hidden: object = None  # [H] target hidden state at the position that chose tokens[-1], if the kind reads it
 
     @property
     def position(self) -> int:

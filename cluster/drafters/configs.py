@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.errors import ConfigError
 from cluster.model_config import ModelConfig, check_model_dir
@@ -72,6 +73,34 @@ class MultiConfig:
     def validate(self, key: str, check_paths: bool = True) -> None:
         if not self.members or not all(isinstance(m, str) for m in self.members) or "multi" in self.members:
             raise ConfigError(f"{key}.members: a list of drafter kinds (not multi)")
+
+
+@dataclass
+class HeadsConfig:
+    """Parallel heads (Medusa-1): head i maps the target's last hidden state h to the token i + 1 places
+    after the next one, through a residual SiLU layer and the target's own LM head. `path` holds the
+    weights tools/train_heads.py writes (relative to the config file)."""
+
+    path: str = ""
+    top_k: int = 3  # candidates per head; the tree takes the likeliest paths that fit the budget
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"{key}.top_k: must be >= 1")
+        if check_paths and not (Path(self.path) / "heads.safetensors").is_file():
+            raise ConfigError(f"{key}.path: {self.path!r} holds no heads.safetensors (python -m tools.train_heads)")
+
+    def resolve(self, base: Path) -> None:
+        if self.path and not Path(self.path).is_absolute():
+            self.path = str((base / self.path).resolve())
+
+
+@dataclass
+class MegabyteLocalConfig:
+    """MEGABYTE's local model drafting on the draft tier: read from the target's own directory."""
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        pass
 
 
 @dataclass

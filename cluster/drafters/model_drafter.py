@@ -6,9 +6,8 @@ import torch
 
 from cluster.core.messages import Proposal
 from cluster.drafters.base import Drafter, DraftRequest
+from cluster.drafters.chains import draft_chains
 from cluster.models.backend import HFBackend, Row
-from cluster.sampling.acceptance import draft_choice
-from cluster.sampling.logits import SamplingTensors, TokenHistory, probs_from_logits
 
 
 class ModelDrafter(Drafter):
@@ -47,52 +46,18 @@ class ModelDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
-        feed = [self._sync(r) for r in batch]
-        vocab, device = self.backend.vocab_size, self.backend.device
-        params = [r.params for r in batch]
-        st = SamplingTensors.from_params(params, vocab, device)  # q is processed exactly as p is
-        history = None
-        if any(p.penalized for p in params):
-            history = TokenHistory([(r.tokens, r.num_prompt) for r in batch], params, vocab, device, self.eos_ids)
-        keep_q = [self.rule == "rejection" and not r.params.greedy for r in batch]
-        q_rows: list[list[torch.Tensor]] = [[] for _ in batch]
-        drafts: list[list[int]] = [[] for _ in batch]
-        active = list(range(len(batch)))  # rows still drafting: a row stops at its own budget
-        for step in range(max(r.budget for r in batch)):
-            logits = self.backend.forward([Row(self._slots[batch[i].seq_id], feed[i]) for i in active],
-                                          last_only=True).logits
-            for i in active:
-                self._seen[batch[i].seq_id].extend(feed[i])
-            idx = torch.tensor(active, device=device)
-            sub = st.rows(idx)
-            adjusted = logits if sub.logit_bias is None else logits + sub.logit_bias
-            if history is not None:
-                adjusted = history.apply(adjusted, idx)
-            q = probs_from_logits(adjusted, sub)
-            tokens = torch.tensor([self._sample(q[row], batch[i], step) for row, i in enumerate(active)],
-                                  device=device)
-            if history is not None:
-                history.advance(tokens, idx)
-            for row, (i, token) in enumerate(zip(active, tokens.tolist())):
-                drafts[i].append(token)
-                if keep_q[i]:
-                    q_rows[i].append(q[row].float().cpu())
-                feed[i] = [token]
-            unsure: set[int] = set()
-            if self.confidence_threshold > 0:
-                confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.tolist()
-                unsure = {i for row, i in enumerate(active) if confidence[row] < self.confidence_threshold}
-            active = [i for i in active if len(drafts[i]) < batch[i].budget and i not in unsure]
-            if not active:
-                break
-        return [Proposal.chain(d, torch.stack(q_rows[i]) if keep_q[i] else None) for i, d in enumerate(drafts)]
+        first = [self._sync(r) for r in batch]
 
-    def _sample(self, q: torch.Tensor, req: DraftRequest, step: int) -> int:
-        """Greedy: the argmax. Coupled: the race with the target's noise. Rejection: a draw from q with
-        the request's own keyed uniform (independent of the target's)."""
-        if req.params.greedy:
-            return int(q.argmax())
-        return draft_choice(q, req.seed, req.position + step, self.rule)
+        def next_logits(active: list[int], drafts: list[list[int]]) -> torch.Tensor:
+            feed = [first[i] if not drafts[i] else drafts[i][-1:] for i in active]
+            logits = self.backend.forward([Row(self._slots[batch[i].seq_id], f) for i, f in zip(active, feed)],
+                                          last_only=True).logits
+            for i, f in zip(active, feed):
+                self._seen[batch[i].seq_id].extend(f)
+            return logits
+
+        return draft_chains(batch, [r.budget for r in batch], next_logits, self.backend.vocab_size,
+                            self.backend.device, self.eos_ids, self.rule, self.confidence_threshold)
 
     def release(self, seq_id: str) -> None:
         slot = self._slots.pop(seq_id, None)

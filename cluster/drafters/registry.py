@@ -7,7 +7,9 @@ import importlib
 from dataclasses import dataclass
 
 from cluster.drafters.configs import (
+    HeadsConfig,
     LayerSkipConfig,
+    MegabyteLocalConfig,
     ModelDrafterConfig,
     MultiConfig,
     NgramConfig,
@@ -23,6 +25,7 @@ class Kind:
     description: str
     # Runs a model: it samples from its own q, and its draft steps cost real time, one after another.
     model_based: bool = False
+    reads_hidden: bool = False  # drafts from the target's hidden states (the verify passes return them)
 
 
 DRAFTERS: dict[str, Kind] = {
@@ -35,6 +38,12 @@ DRAFTERS: dict[str, Kind] = {
     "quantized": Kind(QuantizedConfig, "cluster.drafters.model_drafter:build_quantized",
                       "the target with int8 linear layers: a compressed copy, no training", model_based=True),
     "multi": Kind(MultiConfig, "cluster.drafters.multi:build", "several drafters merged into one token tree"),
+    "megabyte_local": Kind(MegabyteLocalConfig, "cluster.drafters.megabyte_local:build",
+                           "MEGABYTE's local model on the draft tier, writing each patch from the target's conditioning",
+                           model_based=True, reads_hidden=True),
+    "heads": Kind(HeadsConfig, "cluster.drafters.heads:build",
+                  "parallel heads on the target's last hidden state (Medusa-style), trained by tools/train_heads.py",
+                  reads_hidden=True),
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.model_config import ModelConfig, check_model_dir
+from cluster.models import megabyte  # registers the MEGABYTE config and model with the Auto classes
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def build_backend(model: torch.nn.Module, cfg: ModelConfig | None, num_slots: in
     from cluster.models.lean import LeanBackend, supports
 
     choice = cfg.backend if cfg is not None else "auto"
+    if isinstance(model, megabyte.MegabyteForCausalLM):  # two levels: only its own backend runs it
+        from cluster.models.megabyte_backend import MegabyteBackend
+
+        return MegabyteBackend(model, num_slots, capacity)
     if choice == "hf":
         return HFBackend(model, num_slots, capacity)
     why_not = supports(model)

@@ -52,7 +52,8 @@ class DraftWorker:
             tokens.extend(task.new_tokens)
             if task.last_accepted is not None:
                 self.drafter.observe(task.seq_id, task.last_accepted)
-            requests.append(DraftRequest(task.seq_id, tokens, task.budget, task.params, task.seed, task.num_prompt))
+            requests.append(DraftRequest(task.seq_id, tokens, task.budget, task.params, task.seed, task.num_prompt,
+                                         task.hidden))
         proposals = self.drafter.propose(requests)
         return [p.truncated(t.budget) for p, t in zip(proposals, tasks)]  # never more than was asked for
 

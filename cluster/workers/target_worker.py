@@ -53,6 +53,7 @@ class Emitted:
 
     token: int | None
     logprobs: list[TokenLogprob] | None = None
+    hidden: object = None  # [H] hidden state at the last prompt position, when asked
 
 
 @dataclass
@@ -136,13 +137,20 @@ class TargetWorker:
             fresh = [i for i, f in enumerate(feeds) if f]  # a 1-token resume has nothing to cache
             if fresh:
                 seqs = [new[items[i].seq_id] for i in fresh]
-                logits = self.backend.forward([Row(s.slot, feeds[i]) for s, i in zip(seqs, fresh)], last_only=True).logits
+                want_hidden = any(items[i].want_hidden for i in fresh)
+                out_pass = self.backend.forward([Row(s.slot, feeds[i]) for s, i in zip(seqs, fresh)], last_only=True,
+                                                hidden=want_hidden)
+                logits = out_pass.logits
                 sampled = [(r, i) for r, i in enumerate(fresh) if not items[i].resume]
                 if sampled:
                     rows = torch.tensor([r for r, _ in sampled], device=logits.device)
                     chosen = [new[items[i].seq_id] for _, i in sampled]
                     for (_, i), e in zip(sampled, self._first_tokens(logits[rows], chosen)):
                         out[i] = e
+                if want_hidden:  # a resumed sequence's hidden state is that of its second-to-last token: unused
+                    for r, i in enumerate(fresh):
+                        if items[i].want_hidden and not items[i].resume:
+                            out[i].hidden = out_pass.hidden[r].cpu()
         except Exception:
             for s in new.values():
                 cache.free(s.slot)
@@ -189,7 +197,7 @@ class TargetWorker:
             self.backend.commit(s.slot, start, keep)  # commit
             s.tokens.extend(p.path_tokens(v.path) + [v.token])
             if item.want_hidden:
-                v.hidden = out.hidden[row, keep].float().cpu()
+                v.hidden = out.hidden[row, keep[-1]].cpu()
         return verdicts
 
     def _accept(self, out, seqs: list[_TargetSeq], proposals: list[Proposal]):

@@ -103,3 +103,31 @@ def test_predicted_step_times_are_measured(make_engine):
     assert engine.metrics.value("specdec_step_measured_seconds_count") >= engine.metrics.value(
         "specdec_step_predicted_seconds_count")
     assert 0 <= engine.step_time_error() < 1.0
+
+
+def test_verdicts_carry_the_hidden_state_behind_the_next_token(tiny_models):
+    """Prefill and verify return, when asked, the target's last hidden state at the position whose logits
+    chose the emitted token (prompt end; end of the accepted path): what parallel heads draft from."""
+    from cluster.config import ModelConfig
+    from cluster.core.messages import Prefill, VerifyTask
+    from cluster.workers.target_worker import TargetWorker
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    worker = TargetWorker(ModelConfig(str(tiny_models["target"]), dtype="float32"), 2, 128)
+    prompt = list(range(20, 30))
+    (first,) = worker.prefill([Prefill("r", "target-0", prompt, len(prompt), SamplingParams(), 0, want_hidden=True)])
+
+    def hidden_at(tokens, position):
+        with torch.no_grad():
+            return hf.model(torch.tensor([tokens])).last_hidden_state[0, position]
+
+    assert torch.allclose(first.hidden, hidden_at(prompt, -1), atol=1e-4)
+    with torch.no_grad():  # the target's own next two tokens, then one it would not choose
+        greedy = hf.generate(torch.tensor([prompt + [first.token]]), max_new_tokens=2, do_sample=False)[0].tolist()
+    draft = greedy[len(prompt) + 1:] + [(greedy[-1] + 1) % 384]
+    (v,) = worker.verify([VerifyTask("r", "target-0", Proposal.chain(draft), want_hidden=True)])
+    assert v.accepted == 2 and v.hidden.shape == (hf.config.hidden_size,)
+    sequence = prompt + [first.token] + draft[:2]  # the last of these is where v.token was chosen
+    assert torch.allclose(v.hidden, hidden_at(sequence, -1), atol=1e-4)
+    (plain,) = worker.verify([VerifyTask("r", "target-0", Proposal())])
+    assert plain.hidden is None  # only when asked

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from cluster.config import DrafterConfig
 from cluster.core.messages import Proposal
 from cluster.drafters.base import DraftRequest
-from cluster.drafters.configs import LayerSkipConfig, MultiConfig, QuantizedConfig, SuffixConfig
+from cluster.drafters.configs import HeadsConfig, LayerSkipConfig, MultiConfig, QuantizedConfig, SuffixConfig
 from cluster.drafters.multi import merge
 from cluster.drafters.suffix import SuffixDrafter
 from cluster.engine import SpecEngine
@@ -25,10 +25,30 @@ KINDS = {
 }
 
 
-def _engine(make_engine, kind: str, **limits) -> SpecEngine:
-    base = make_engine("ngram", k=6, **limits)
+KINDS_WITH_FILES = {"heads"}  # their config names weights built by a fixture
+
+
+@pytest.fixture(scope="session")
+def tiny_heads(tiny_models, tmp_path_factory):
+    """Parallel heads for the tiny target, trained by the real script for a few steps."""
+    from tools.train_heads import main as train_heads
+
+    out = tmp_path_factory.mktemp("heads")
+    meta = train_heads(["--target", str(tiny_models["target"]), "--out", str(out), "--prompts", "24", "--max-tokens",
+                        "24", "--batch", "8", "--max-steps", "40", "--train-batch", "64"])
+    return out, meta
+
+
+def _drafter(kind: str, heads_dir=None) -> DrafterConfig:
+    if kind == "heads":
+        return DrafterConfig("heads", {"heads": HeadsConfig(str(heads_dir), top_k=2)})
+    return KINDS[kind]
+
+
+def _engine(make_engine, kind: str, heads_dir=None, rule: str = "coupled", **limits) -> SpecEngine:
+    base = make_engine("ngram", k=6, rule=rule, **limits)
     config = base.config
-    config.drafter = KINDS[kind]
+    config.drafter = _drafter(kind, heads_dir)
     config.validate(check_paths=False)
     return SpecEngine(config, tokenizer=base.tokenizer, target=base.target)
 
@@ -38,9 +58,9 @@ def target_only(make_engine):
     return make_engine("ngram", k=0)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_kind_is_exact_greedy_and_sampled(make_engine, target_only, kind):
-    engine = _engine(make_engine, kind)
+@pytest.mark.parametrize("kind", sorted(KINDS) + sorted(KINDS_WITH_FILES))
+def test_every_kind_is_exact_greedy_and_sampled(make_engine, target_only, tiny_heads, kind):
+    engine = _engine(make_engine, kind, tiny_heads[0])
     greedy = SamplingParams(max_tokens=32)
     assert [o.token_ids for o in engine.generate(PROMPTS, greedy)] == \
         [o.token_ids for o in target_only.generate(PROMPTS, greedy)]
@@ -83,3 +103,50 @@ def test_multi_drafter_keeps_the_distribution_at_every_position(make_engine, tin
     hf_target = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
     pvalues = check_positions(engine, engine.tokenizer, hf_target, dict(temperature=1.0), seeds=range(2500))
     assert (pvalues > 1e-4).all(), pvalues
+
+
+def test_the_heads_script_trains_and_the_heads_draft_trees(make_engine, tiny_heads):
+    """tools/train_heads.py end to end: the loss falls, the record says how the heads were made; the
+    drafter proposes trees (siblings from each head's top-k) from the hidden states verify passes return."""
+    out, meta = tiny_heads
+    assert (out / "heads.safetensors").is_file() and meta["steps"] == 40 and meta["final_loss"] < meta["initial_loss"]
+    assert len(meta["held_out_top1"]) == 4 and meta["train_positions"] > 0
+    engine = _engine(make_engine, "heads", out)
+    assert engine.scheduler.config.want_hidden
+    seen = []
+    propose = engine.drafter.drafter.propose
+
+    def recording(batch):
+        proposals = propose(batch)
+        seen.extend(zip(batch, proposals))
+        return proposals
+
+    engine.drafter.drafter.propose = recording
+    engine.generate(PROMPTS[:2], SamplingParams(max_tokens=16))
+    assert all(r.hidden is not None for r, _ in seen)  # from the prefill, then from every verify
+    assert any(not p.is_chain for _, p in seen)  # top-2 per head: trees
+    assert all(len(p) <= r.budget for r, p in seen)
+
+
+def test_best_paths_take_the_likeliest_first_within_the_budget():
+    from cluster.drafters.heads import best_paths
+
+    # depth 1: a (log .6), b (log .3); depth 2: c (log .45), d (log .4)
+    import math
+    lp = [[(1, math.log(0.6)), (2, math.log(0.3))], [(3, math.log(0.45)), (4, math.log(0.4))]]
+    tree = best_paths(lp, budget=4)
+    # scores: a .6, b .3, a-c .27, a-d .24, b-c .135
+    assert tree.tokens == [1, 2, 3, 4] and tree.parents == [-1, -1, 0, 0]
+    assert best_paths(lp, budget=1).tokens == [1] and best_paths([], 3).tokens == []
+    tree = best_paths(lp, budget=6)
+    assert all(p < i for i, p in enumerate(tree.parents)) and len(tree) == 6
+
+
+@pytest.mark.slow
+def test_heads_trees_keep_the_distribution_under_the_rejection_rule(make_engine, tiny_models, tiny_heads):
+    """Deterministic sibling candidates (q one-hot) through recursive rejection, at every position."""
+    engine = _engine(make_engine, "heads", tiny_heads[0], rule="rejection", max_batch_size=64, max_waiting=3000)
+    hf_target = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    pvalues = check_positions(engine, engine.tokenizer, hf_target, dict(temperature=1.0), seeds=range(2500))
+    assert (pvalues > 1e-4).all(), pvalues
+    assert engine.stats.accepted > 0

@@ -170,3 +170,18 @@ def test_budgets_follow_the_measured_acceptance_of_the_whole_step():
         model.observe_tokens(predicted_accepted=8.0, accepted=8)  # and back: recent steps weigh most
     assert model.token_scale == pytest.approx(1.0, abs=0.01)
     assert sum(model.choose(alphas, caps, min_gain=0.03).ks) > 0
+
+
+def test_the_scheduler_probes_after_a_run_of_plain_steps():
+    """When the cost model has chosen plain decoding for probe_every steps, one request drafts anyway:
+    new evidence about the drafter's cost and acceptance, which plain steps never bring."""
+    pricey = CostModel(CostCurve(0.002, 0.0, 0.004), DraftCost(0.05, 0.0, 0.0))  # drafting never pays
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=True, max_model_len=256, probe_every=4), pricey)
+    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
+    seqs = [_seq(i) for i in range(3)]
+    for s in seqs:
+        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
+    seqs[1].acceptance.observe(drafted=4, accepted=4)  # the likeliest to be accepted
+    sched.running = seqs
+    drafted = [[(t.seq_id, t.budget) for t in sched.schedule().draft] for _ in range(8)]
+    assert drafted == [[], [], [], [("r1", 3)], [], [], [], [("r1", 3)]]

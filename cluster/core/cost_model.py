@@ -37,22 +37,27 @@ class CostCurve:
     @staticmethod
     def fit(samples: list[tuple[int, int, int, float]]) -> CostCurve:
         """Non-negative least squares over the four terms (the best fit among the subsets of terms whose
-        coefficients all come out >= 0)."""
+        coefficients all come out >= 0). One pass over the samples builds the normal equations; each
+        subset is a small solve on them (the fit runs every REFIT_EVERY passes on a few hundred samples)."""
         if not samples:
             return CostCurve(0.0, 0.0, 0.0)
-        y = [s for *_, s in samples]
-        features = [[1.0, r, t, kv] for r, t, kv, _ in samples]
-        best, best_err = [0.0, 0.0, sum(y) / max(sum(t for _, t, _, _ in samples), 1), 0.0], float("inf")
+        features = [(1.0, r, t, kv) for r, t, kv, _ in samples]
+        gram = [[sum(f[i] * f[j] for f in features) for j in range(4)] for i in range(4)]
+        rhs = [sum(f[i] * s for f, (*_, s) in zip(features, samples)) for i in range(4)]
+        yy = sum(s * s for *_, s in samples)
+        best, best_err = [0.0, 0.0, sum(s for *_, s in samples) / max(sum(t for _, t, _, _ in samples), 1), 0.0], None
         for size in (4, 3, 2, 1):
             for terms in itertools.combinations(range(4), size):
-                coef = _least_squares([[row[i] for i in terms] for row in features], y)
+                coef = _solve([[gram[i][j] for j in terms] for i in terms], [rhs[i] for i in terms])
                 if coef is None or min(coef) < 0:
                     continue
-                full = [0.0] * 4
-                for i, c in zip(terms, coef):
-                    full[i] = c
-                err = sum((sum(f * w for f, w in zip(row, full)) - s) ** 2 for row, s in zip(features, y))
-                if err < best_err:
+                # |Xw - y|^2 = w'Gw - 2 w'h + y'y
+                err = (sum(coef[a] * coef[b] * gram[i][j] for a, i in enumerate(terms) for b, j in enumerate(terms))
+                       - 2 * sum(c * rhs[i] for c, i in zip(coef, terms)) + yy)
+                if best_err is None or err < best_err:
+                    full = [0.0] * 4
+                    for i, c in zip(terms, coef):
+                        full[i] = c
                     best, best_err = full, err
         return CostCurve(*best, samples=list(samples))
 
@@ -151,6 +156,7 @@ class CostModel:
         self.timer = StepTimer()
         self.grid = list(verify.samples)  # the passes measured at start: the curve's global shape
         self.measured: deque[tuple[int, int, int, float]] = deque(maxlen=256)  # recent real passes
+        self.passes = 0
         self.prefill_rate: float | None = None  # seconds per prompt token, measured
         # Accepted drafts as measured over as predicted, recent steps weighted most: the per-request
         # estimates assume i.i.d. acceptance and full-length drafts, which a lookup drafter's misses and
@@ -162,7 +168,8 @@ class CostModel:
         """A verify pass as it ran: the curve is refitted from these and the start grid, so it follows the
         shapes the scheduler actually plans (and the machine's drift), not only the grid."""
         self.measured.append((rows, tokens, kv, seconds))
-        if len(self.measured) % self.REFIT_EVERY == 0:
+        self.passes += 1
+        if self.passes % self.REFIT_EVERY == 0:  # not len(measured): once the window is full that is every pass
             self.verify = CostCurve.fit(self.grid + list(self.measured))
 
     def observe_tokens(self, predicted_accepted: float, accepted: int, decay: float = 0.95) -> None:
@@ -249,17 +256,18 @@ class CostModel:
                        step_s)
 
 
-def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:
-    """Solve the normal equations by Gaussian elimination; None if singular."""
-    n = len(x[0])
-    a = [[sum(r[i] * r[j] for r in x) for j in range(n)] + [sum(r[i] * v for r, v in zip(x, y))] for i in range(n)]
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Solve a x = b (a small symmetric system) by Gaussian elimination; None if singular."""
+    n = len(b)
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    scale = [abs(a[i][i]) for i in range(n)]  # each column's own scale: keys attended run to 1e5, rows to 32
     for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-12:
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) <= 1e-10 * scale[col]:
             return None
-        a[col], a[pivot] = a[pivot], a[col]
+        m[col], m[pivot] = m[pivot], m[col]
         for r in range(n):
             if r != col:
-                f = a[r][col] / a[col][col]
-                a[r] = [v - f * w for v, w in zip(a[r], a[col])]
-    return [a[i][n] / a[i][i] for i in range(n)]
+                f = m[r][col] / m[col][col]
+                m[r] = [v - f * w for v, w in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]

@@ -12,11 +12,64 @@ from dataclasses import dataclass, field
 from cluster.types import SamplingParams, TokenLogprob
 
 
+class SparseQ:
+    """Draft distributions as they travel: node i's q is weights[i] on ids[i], normalised, zero elsewhere.
+    A drafter samples from exactly this (its q truncated to the smallest support holding MASS, at most
+    SUPPORT tokens, the weights rounded to fp16 and renormalised the same way on both sides), so
+    acceptance against it is exact, and a node costs at most SUPPORT x 6 bytes (8 nodes: 1.5 KB) instead
+    of a dense row of the vocabulary (150k floats for Qwen). Indexing gives dense rows."""
+
+    SUPPORT, MASS = 32, 0.99
+
+    def __init__(self, ids, probs, vocab: int):
+        self.ids, self.probs, self.vocab = ids, probs, vocab  # numpy [n, m] int32, [n, m] float16 (compact pickles)
+
+    @staticmethod
+    def truncate(q):
+        """(dense row, ids, fp16 weights) of a dense q row [V]: the dense row is the distribution to sample
+        from, and exactly what indexing the shipped form gives back."""
+        import torch
+
+        top = q.float().topk(min(SparseQ.SUPPORT, q.shape[-1]))
+        keep = int((top.values.cumsum(0) < SparseQ.MASS).sum()) + 1  # the smallest prefix reaching MASS
+        ids, weights = top.indices[:keep], top.values[:keep].half()
+        dense = SparseQ.stack([(ids, weights)], q.shape[-1])[0]
+        return dense.to(q.device), ids, weights
+
+    @staticmethod
+    def stack(rows: list[tuple], vocab: int) -> SparseQ:
+        """From (ids, probs) per node; supports are right-padded with id 0 at probability 0."""
+        import numpy as np
+
+        m = max(len(ids) for ids, _ in rows)
+        ids = np.zeros((len(rows), m), dtype=np.int32)
+        probs = np.zeros((len(rows), m), dtype=np.float16)
+        for i, (row_ids, row_weights) in enumerate(rows):
+            ids[i, : len(row_ids)] = row_ids.cpu().numpy()
+            probs[i, : len(row_weights)] = row_weights.half().cpu().numpy()
+        return SparseQ(ids, probs, vocab)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def head(self, n: int) -> SparseQ:
+        return SparseQ(self.ids[:n], self.probs[:n], self.vocab)
+
+    def __getitem__(self, index):
+        """Dense rows: q[i] -> [V], q[a:b] -> [b - a, V]."""
+        import torch
+
+        ids, weights = torch.from_numpy(self.ids[index]).long(), torch.from_numpy(self.probs[index]).float()
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros(*ids.shape[:-1], self.vocab, dtype=torch.float32)
+        return out.scatter_add_(-1, ids, weights)
+
+
 @dataclass
 class Proposal:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
-    q: object = None  # [n, V] tensor: each node's processed draft distribution (rejection rule only)
+    q: object = None  # each node's draft distribution (rejection rule only): SparseQ, or a dense [n, V] tensor
 
     @staticmethod
     def chain(tokens: list[int], q=None) -> Proposal:
@@ -28,6 +81,25 @@ class Proposal:
     @property
     def is_chain(self) -> bool:
         return self.parents == list(range(-1, len(self.tokens) - 1))
+
+    def first_branch(self) -> Proposal:
+        """The chain that follows each node's first child from the root: what a backend that verifies
+        chains only (MEGABYTE) checks of a tree. A first child is a draft from q like any sibling, so the
+        acceptance rules stay exact."""
+        if self.is_chain:
+            return self
+        nodes, parent = [], -1
+        for i, p in enumerate(self.parents):
+            if p == parent:
+                nodes.append(i)
+                parent = i
+        if self.q is None:
+            q = None
+        elif isinstance(self.q, SparseQ):
+            q = SparseQ(self.q.ids[nodes], self.q.probs[nodes], self.q.vocab)
+        else:
+            q = self.q[nodes]
+        return Proposal.chain([self.tokens[i] for i in nodes], q)
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for children of the root."""
@@ -47,7 +119,7 @@ class Proposal:
         """The first `budget` nodes (a valid tree: parents come first)."""
         if budget >= len(self.tokens):
             return self
-        q = None if self.q is None else self.q[:budget]
+        q = None if self.q is None else self.q.head(budget) if isinstance(self.q, SparseQ) else self.q[:budget]
         return Proposal(self.tokens[:budget], self.parents[:budget], q)
 
     def validate(self, vocab: int) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from cluster.core.messages import Proposal
+from cluster.core.messages import Proposal, SparseQ
 from cluster.drafters.base import DraftRequest
 from cluster.sampling.acceptance import draft_choice
 from cluster.sampling.logits import SamplingTensors, TokenHistory, probs_from_logits
@@ -43,20 +43,27 @@ def draft_chains(batch: list[DraftRequest], budgets: list[int],
         if history is not None:
             adjusted = history.apply(adjusted, idx)
         q = probs_from_logits(adjusted, sub)
-        tokens = torch.tensor([_sample(q[row], batch[i], step, rule) for row, i in enumerate(active)], device=device)
+        chosen = []
+        for row, i in enumerate(active):
+            if keep_q[i]:  # the rejection rule ships q: sample from its compact form, exactly what travels
+                dense, ids, probs = SparseQ.truncate(q[row])
+                q_rows[i].append((ids, probs))
+                chosen.append(_sample(dense, batch[i], step, rule))
+            else:
+                chosen.append(_sample(q[row], batch[i], step, rule))
+        tokens = torch.tensor(chosen, device=device)
         if history is not None:
             history.advance(tokens, idx)
-        for row, (i, token) in enumerate(zip(active, tokens.tolist())):
+        for i, token in zip(active, chosen):
             drafts[i].append(token)
-            if keep_q[i]:
-                q_rows[i].append(q[row].float().cpu())
         unsure: set[int] = set()
         if confidence_threshold > 0:
             confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.tolist()
             unsure = {i for row, i in enumerate(active) if confidence[row] < confidence_threshold}
         active = [i for i in active if len(drafts[i]) < budgets[i] and i not in unsure]
         step += 1
-    return [Proposal.chain(d, torch.stack(q_rows[i]) if keep_q[i] and d else None) for i, d in enumerate(drafts)]
+    return [Proposal.chain(d, SparseQ.stack(q_rows[i], vocab) if keep_q[i] and d else None)
+            for i, d in enumerate(drafts)]
 
 
 def _sample(q: torch.Tensor, req: DraftRequest, step: int, rule: str) -> int:

@@ -85,7 +85,8 @@ class SuffixDrafter(Drafter):
         self.num_prompt[r.seq_id] = r.num_prompt
         self.tokens[r.seq_id] = r.tokens  # the worker's own list: complete when the request is released
         indexes = [i for i in (own, self.shared, self.corpus) if i is not None]
-        matched = max(i.longest(r.tokens) for i in indexes)
+        tail = r.tokens[-self.max_context:]  # all a lookup reads (copying the whole context per node cost O(L))
+        matched = max(i.longest(tail) for i in indexes)
         if matched == 0:
             return Proposal()
         max_depth = max(1, int(self.alpha * matched))
@@ -97,7 +98,7 @@ class SuffixDrafter(Drafter):
             neg, _, node, path = heapq.heappop(heap)
             if node >= 0 and len(path) >= max_depth:
                 continue
-            context = r.tokens + path
+            context = (tail + path)[-self.max_context:]
             counts = self._continuations(indexes, context)
             if not counts:
                 continue
@@ -115,10 +116,11 @@ class SuffixDrafter(Drafter):
     def _continuations(self, indexes: list[ContextIndex], context: list[int]) -> Counter:
         """Continuation counts at the longest context any index knows; the request's own index counts
         double (its repetitions are the most telling)."""
-        best = max(i.longest(context) for i in indexes)
+        lengths = [i.longest(context) for i in indexes]
+        best = max(lengths)
         merged: Counter = Counter()
-        for weight, index in zip((2, 1, 1), indexes):
-            if best and index.longest(context) == best:
+        for weight, index, length in zip((2, 1, 1), indexes, lengths):
+            if best and length == best:
                 for token, count in index.next(context, best).items():
                     merged[token] += weight * count
         return merged

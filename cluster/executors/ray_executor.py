@@ -85,16 +85,17 @@ class RayExecutor:
     overlaps = True  # drafts run on draft actors, beside verification on target actors
 
     def __init__(self, targets: ActorPool, drafters: ActorPool | None, slots: int, vocab: int,
-                 draft_timeout_s: float):
+                 draft_timeout_s: float, draft_slots: int | None = None):
         self.targets, self.drafters = targets, drafters
         self.slots, self.vocab, self.draft_timeout_s = slots, vocab, draft_timeout_s
+        self.draft_slots = draft_slots or slots
         self._in_flight: dict[str, tuple] = {}  # worker -> (tasks, ref) of drafts for the next step
         self.count_bytes = False  # benchmarks: count the bytes each step sends to and gets from actors
         self.step_bytes: list[int] = []
 
     def capacities(self) -> tuple[dict[str, int], dict[str, int]]:
         targets = {w: self.slots for w in self.targets.ready()}
-        drafters = {w: self.slots for w in self.drafters.ready()} if self.drafters is not None else {}
+        drafters = {w: self.draft_slots for w in self.drafters.ready()} if self.drafters is not None else {}
         return targets, drafters
 
     def execute(self, plan: StepPlan) -> StepResult:

@@ -147,35 +147,44 @@ class HFBackend:
         return self.curve(rows, tokens, kv)
 
     # --- measuring the cost curve ------------------------------------------------------------------
-    def calibrate(self, contexts: tuple[int, ...] = (64, 512), repeats: int = 3) -> CostCurve:
-        """Time passes on a small grid of (rows, tokens per row, cached context) over scratch slots; fit
-        the curve (the engine refits it from real passes as it runs)."""
-        free = self.cache.num_free
-        row_grid = sorted({r for r in (1, 2, 4, 8, 16, 32) if r <= free} or {1})
-        samples = []
-        slots = [self.cache.allocate() for _ in range(max(row_grid))]
-        try:
-            for context in contexts:
-                for rows in row_grid:
-                    for per_row in (1, 2, 4, 8):
-                        if context + per_row > self.cache.capacity:
-                            continue
-                        times = []
-                        for _ in range(repeats + 1):  # the first run warms up
-                            for s in slots[:rows]:
-                                self.cache.truncate(s, 0)
-                                self.cache.reserve(s, context)
-                                self.cache.lengths[s] = context  # attend over a realistic prefix (stale values)
-                            start = time.perf_counter()
-                            self.forward([Row(s, [0] * per_row) for s in slots[:rows]])
-                            times.append(time.perf_counter() - start)
-                        tokens = rows * per_row
-                        samples.append((rows, tokens, rows * context + tokens, sorted(times[1:])[len(times[1:]) // 2]))
-        finally:
-            for s in slots:
-                self.cache.free(s)
-        self.curve = CostCurve.fit(samples)
+    def calibrate(self) -> CostCurve:
+        self.curve = measure_cost_curve(self, self._stale_context)
         return self.curve
+
+    def _stale_context(self, slot: int, context: int) -> None:
+        """Attend over a realistic prefix of stale values: only the shape matters to a timing."""
+        self.cache.truncate(slot, 0)
+        self.cache.reserve(slot, context)
+        self.cache.lengths[slot] = context
+
+
+def measure_cost_curve(backend, set_context, contexts: tuple[int, ...] = (64, 512), repeats: int = 3,
+                       row_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> CostCurve:
+    """Time passes on a grid of (rows, tokens per row, cached context) over scratch slots and fit the curve
+    (the engine refits it from real passes as it runs). set_context(slot, n) gives a scratch slot n cached
+    positions, however the backend does that."""
+    rows_grid = sorted({r for r in row_grid if r <= backend.cache.num_free} or {1})
+    slots = [backend.cache.allocate() for _ in range(max(rows_grid))]
+    samples = []
+    try:
+        for context in contexts:
+            if context + 8 > backend.cache.capacity:
+                continue
+            for rows in rows_grid:
+                for per_row in (1, 2, 4, 8):
+                    times = []
+                    for _ in range(repeats + 1):  # the first run warms up
+                        for s in slots[:rows]:
+                            set_context(s, context)
+                        start = time.perf_counter()
+                        backend.forward([Row(s, [0] * per_row) for s in slots[:rows]])
+                        times.append(time.perf_counter() - start)
+                    tokens = rows * per_row
+                    samples.append((rows, tokens, rows * context + tokens, sorted(times[1:])[len(times[1:]) // 2]))
+    finally:
+        for s in slots:
+            backend.cache.free(s)
+    return CostCurve.fit(samples)
 
 
 def _tree(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

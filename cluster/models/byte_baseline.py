@@ -26,6 +26,7 @@ class ByteGPTConfig(PretrainedConfig):
 class ByteGPTForCausalLM(PreTrainedModel):
     config_class = ByteGPTConfig
     base_model_prefix = "bytegpt"
+    _supports_sdpa = True  # its attention is F.scaled_dot_product_attention
 
     def __init__(self, config: ByteGPTConfig):
         super().__init__(config)

@@ -19,13 +19,12 @@ remaining bytes on the draft tier (cluster/drafters/megabyte_local.py): two acto
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from cluster.core.cost_model import CostCurve
-from cluster.models.backend import PassOutput, Row
+from cluster.models.backend import PassOutput, Row, measure_cost_curve
 from cluster.models.kv_cache import SlotKVCache
 from cluster.models.megabyte import MegabyteForCausalLM
 
@@ -40,6 +39,7 @@ class _Slot:
 
 class MegabyteBackend:
     name = "megabyte"
+    verifies_trees = False  # the target worker checks a tree's first branch (a suffix drafter's trees still help)
 
     def __init__(self, model: MegabyteForCausalLM, num_slots: int, capacity: int):
         self.model = model
@@ -148,32 +148,15 @@ class MegabyteBackend:
             self.calibrate()
         return self.curve(rows, tokens, kv)
 
-    def calibrate(self, contexts: tuple[int, ...] = (64, 512), repeats: int = 3) -> CostCurve:
-        """Time passes on a grid of (rows, new bytes per row, context) over scratch slots; fit the curve."""
-        free = self.cache.num_free
-        row_grid = sorted({r for r in (1, 2, 4, 8, 16) if r <= free} or {1})
-        slots = [self.cache.allocate() for _ in range(max(row_grid))]
-        samples = []
-        try:
-            for context in contexts:
-                if context + 8 > self.cache.capacity:
-                    continue
-                for s in slots:
-                    self.cache.truncate(s, 0)
-                    self.forward([Row(s, [3 + (i % 200) for i in range(context)])], last_only=True)
-                for rows in row_grid:
-                    for per_row in (1, 2, 4, 8):
-                        times = []
-                        for _ in range(repeats + 1):
-                            begin = time.perf_counter()
-                            self.forward([Row(s, [40] * per_row) for s in slots[:rows]])
-                            times.append(time.perf_counter() - begin)
-                            for s in slots[:rows]:
-                                self.cache.truncate(s, context)
-                        tokens = rows * per_row
-                        samples.append((rows, tokens, rows * context + tokens, sorted(times[1:])[len(times[1:]) // 2]))
-        finally:
-            for s in slots:
-                self.cache.free(s)
-        self.curve = CostCurve.fit(samples)
+    def calibrate(self) -> CostCurve:
+        self.curve = measure_cost_curve(self, self._context, row_grid=(1, 2, 4, 8, 16))
         return self.curve
+
+    def _context(self, slot: int, context: int) -> None:
+        """Real bytes in a scratch slot (the global cache must hold what it claims): rolled back to
+        `context` after a timed pass, filled once."""
+        if self.cache.lengths[slot] >= context:
+            self.cache.truncate(slot, context)
+        else:
+            self.cache.truncate(slot, 0)
+            self.forward([Row(slot, [3 + (i % 200) for i in range(context)])], last_only=True)

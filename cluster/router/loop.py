@@ -23,7 +23,10 @@ class Router(Engine):
     def __init__(self, config: EngineConfig, tokenizer=None):
         spec, limits, cluster = config.speculation, config.limits, config.cluster
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.target)
-        slots = limits.max_batch_size  # per target actor (and per draft actor)
+        slots = limits.max_batch_size  # per target actor
+        # A draft actor has room for every running request, so one survivor can take a dead peer's requests
+        # at the next step (with max_batch_size each it was full, and they verified without drafts)
+        draft_slots = slots * cluster.target_pool.replicas
         capacity = limits.max_model_len + spec.k_max + 1  # a verify may run K+1 past the last token
         extra_eos = tuple({tokenizer.eos_token_id} - {None})
         targets = ActorPool("target", lambda: start_target_actor(cluster.target_pool, config.target, slots, capacity,
@@ -33,7 +36,7 @@ class Router(Engine):
         info = ray.get(first.info.remote())  # vocabulary, context, EOS: from the model itself
         drafters = None
         if spec.k > 0:
-            context = BuildContext(slots, capacity, info["vocab_size"], eos_ids=tuple(info["eos_ids"]), rule=spec.rule,
+            context = BuildContext(draft_slots, capacity, info["vocab_size"], eos_ids=tuple(info["eos_ids"]), rule=spec.rule,
                                    target=config.target, sections=config.drafter.sections)
             drafters = ActorPool("draft", lambda: start_draft_actor(cluster.draft_pool, config.drafter, context),
                                  cluster.draft_pool.replicas)
@@ -42,7 +45,7 @@ class Router(Engine):
             curve = ray.get(first.calibrate.remote())
             curve = CostCurve(curve.a, curve.b, curve.c, curve.d, curve.samples)
         self.targets, self.drafts = targets, drafters
-        executor = RayExecutor(targets, drafters, slots, info["vocab_size"], cluster.draft_timeout_s)
+        executor = RayExecutor(targets, drafters, slots, info["vocab_size"], cluster.draft_timeout_s, draft_slots)
         super().__init__(config, executor, tokenizer, info["vocab_size"], info["max_context"], set(info["eos_ids"]),
                          curve, sequential_draft=DRAFTERS[config.drafter.kind].model_based)
         if cluster.metrics_port:

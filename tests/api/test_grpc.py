@@ -139,7 +139,9 @@ def test_cancelled_stream_stops_generation_and_frees_caches(slow):
     cancelled, at_cancel = _cancelled(driver), _steps(driver)
     call.cancel()
     assert _wait_freed(driver) == 0
-    assert _steps(driver) - at_cancel <= 5  # ~300 steps were left: generation stopped at once
+    # ~300 steps were left; the cancel crosses gRPC's callback thread and the driver's queue,
+    # which on a loaded 2-core machine takes a few 20 ms steps (6 seen in CI), never dozens
+    assert _steps(driver) - at_cancel <= 30
     assert _cancelled(driver) == cancelled + 1
     assert stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=3)).completion_tokens == 3
 

@@ -282,3 +282,31 @@ def test_a_request_failing_in_a_target_actor_fails_alone(router, reference):
     assert not router.running and not router.waiting
     assert _all_released(router)
     assert router.metrics.value("specdec_request_errors_total") >= 1
+
+
+def test_a_dead_draft_workers_requests_draft_on_another_worker_at_the_next_step(ray_local, tiny_models, make_engine):
+    """The step that finds a draft worker dead moves its requests; the very next plan drafts every one of
+    them on a live worker (not the dead one, nor its replacement still loading). Long requests, so none
+    is too close to its end to draft."""
+    params = [SamplingParams(max_tokens=48, min_tokens=48) for _ in PROMPTS]
+    reference = [o.token_ids for o in make_engine("ngram", k=0).generate(PROMPTS, params)]
+    router = Router(cluster_config(tiny_models, max_batch_size=8, pipelining="off"))
+    try:
+        router.wait_ready()
+        plans, results = [], []
+        schedule, execute = router.scheduler.schedule, router.executor.execute
+        router.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+        router.executor.execute = lambda plan: results.append(execute(plan)) or results[-1]
+        victim = next(iter(router.drafts.handles))
+        outputs = _generate_with_fault(router, lambda: ray.kill(router.drafts.handles[victim]), params=params)
+        assert [o.token_ids for o in outputs] == reference and all(o.finish_reason == "length" for o in outputs)
+        died = next(i for i, r in enumerate(results) if victim in r.dead_workers)
+        moved = {t.seq_id for t in plans[died].draft if t.drafter == victim}
+        after = {t.seq_id: t.drafter for t in plans[died + 1].draft}
+        verified_next = {t.seq_id for t in plans[died + 1].verify}
+        assert moved and moved & verified_next
+        stuck = {s: after.get(s) for s in moved & verified_next if after.get(s) in (None, victim)}
+        assert not stuck, (stuck, victim, [r.dead_workers for r in results[died: died + 2]])
+        assert _all_released(router)
+    finally:
+        router.shutdown()

@@ -18,9 +18,10 @@ def hf_target(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
 
 
-# Every setting runs through the engine (tests/engine); through the router, the model drafter at all
-# three and prompt lookup at one keep the suite's time bounded.
-CASES = [("model", "t1"), ("model", "t07_top_p09"), ("model", "top_k5"), ("ngram", "top_k5")]
+# Every setting runs through the engine (tests/engine), which runs the same loop and the same sampling
+# functions; through the router, one setting per drafter kind (real q, one-hot q) keeps the suite's time
+# bounded: what the router adds is actors and pipelining, not settings.
+CASES = [("model", "t1"), ("ngram", "top_k5")]
 
 
 @pytest.fixture(scope="module")

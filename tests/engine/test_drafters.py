@@ -97,6 +97,16 @@ def test_merged_trees_share_prefixes_and_respect_the_budget():
     assert owners == [{"a", "b"}, {"a", "b"}, {"b"}, {"a"}]
 
 
+def test_merged_trees_give_a_confident_member_its_depth():
+    """Nodes go in by rate(member)^depth: an 8-deep draft from a member accepted 90% of the time keeps all
+    8 nodes of an 8-node budget over a weak member's siblings; with the rates turned, the weak one gets in."""
+    deep, weak = Proposal.chain(list(range(1, 9))), Proposal.chain([20, 21, 22])
+    tree, owners = merge([("deep", deep), ("weak", weak)], budget=8, rates={"deep": 0.9, "weak": 0.1})
+    assert tree.tokens == list(range(1, 9)) and tree.is_chain
+    tree, _ = merge([("deep", deep), ("weak", weak)], budget=8, rates={"deep": 0.5, "weak": 0.6})
+    assert tree.tokens[:2] == [20, 1] and len(tree) == 8  # the likelier first; both trees share the budget
+
+
 @pytest.mark.slow
 def test_multi_drafter_keeps_the_distribution_at_every_position(make_engine, tiny_models):
     engine = _engine(make_engine, "multi", max_batch_size=64, max_waiting=3000)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cluster.config import DrafterConfig, EngineConfig, ModelConfig, SpeculationConfig
+from cluster.core.messages import Proposal
 from cluster.engine import SpecEngine
 from cluster.models.backend import Row
 from cluster.models.loader import build_backend, load_model, load_tokenizer
@@ -31,8 +32,8 @@ def tiny_megabyte(tmp_path_factory):
     return path
 
 
-def _engine(path, k: int, rule: str = "coupled") -> SpecEngine:
-    config = EngineConfig(target=ModelConfig(str(path), dtype="float32"), drafter=DrafterConfig("ngram"),
+def _engine(path, k: int, rule: str = "coupled", kind: str = "ngram") -> SpecEngine:
+    config = EngineConfig(target=ModelConfig(str(path), dtype="float32"), drafter=DrafterConfig(kind),
                           speculation=SpeculationConfig(k=k, k_max=8, adaptive=False, rule=rule))
     config.limits.max_model_len = 256
     return SpecEngine(config.validate())
@@ -96,6 +97,19 @@ def test_tree_drafts_are_refused_clearly(tiny_megabyte):
     slot = backend.cache.allocate()
     with pytest.raises(ValueError, match="chains only"):
         backend.forward([Row(slot, [5, 6, 7], parents=[-1, 0, 0])])
+
+
+def test_a_tree_drafter_verifies_its_first_branch_on_megabyte(tiny_megabyte):
+    """The suffix drafter proposes trees; the target worker checks their first branch on a chains-only
+    backend (it used to fail every request), exact greedy and seeded-sampled."""
+    assert Proposal([5, 6, 7, 8], [-1, 0, 0, 1]).first_branch().tokens == [5, 6, 8]
+    prompts = [p * 3 for p in PROMPTS]  # repetition, so the suffix drafter finds matches
+    for params in (SamplingParams(max_tokens=40), SamplingParams(max_tokens=40, temperature=0.8, seed=3)):
+        plain = [o.token_ids for o in _engine(tiny_megabyte, 0).generate(prompts, params)]
+        engine = _engine(tiny_megabyte, 4, kind="suffix")
+        outputs = engine.generate(prompts, params)
+        assert [o.token_ids for o in outputs] == plain and all(o.finish_reason != "error" for o in outputs)
+        assert engine.stats.drafted > 0
 
 
 def test_the_byte_codec_round_trips_utf8_and_streams_whole_characters():

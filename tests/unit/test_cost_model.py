@@ -34,6 +34,18 @@ def test_the_curve_follows_measured_passes():
     assert model.pass_seconds([0] * 32, [600] * 32) == pytest.approx(0.01 + 0.032 + 0.00001 * 32 * 601, rel=0.05)
 
 
+def test_the_curve_is_refitted_every_refit_every_passes_also_once_the_window_is_full():
+    """Counting the window's length refitted on every pass once it was full: 15 ms of Python a step, which
+    made speculative MEGABYTE slower than plain decoding."""
+    model = CostModel(CostCurve(0.01, 0.0, 0.001))
+    fits = 0
+    for i in range(3 * model.measured.maxlen):
+        before = model.verify
+        model.observe_pass(4, 8, 4 * 300, 0.02 + 0.0001 * (i % 7))
+        fits += model.verify is not before
+    assert fits == 3 * model.measured.maxlen // CostModel.REFIT_EVERY
+
+
 def test_step_timer_learns_the_overhead_and_keeps_the_curves_scale():
     timer, rng = StepTimer(), random.Random(0)
     for _ in range(300):

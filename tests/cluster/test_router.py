@@ -284,6 +284,7 @@ def test_a_request_failing_in_a_target_actor_fails_alone(router, reference):
     assert router.metrics.value("specdec_request_errors_total") >= 1
 
 
+@pytest.mark.slow
 def test_a_dead_draft_workers_requests_draft_on_another_worker_at_the_next_step(ray_local, tiny_models, make_engine):
     """The step that finds a draft worker dead moves its requests; the very next plan drafts every one of
     them on a live worker (not the dead one, nor its replacement still loading). Long requests, so none

@@ -52,8 +52,9 @@ class SparseQ:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def head(self, n: int) -> SparseQ:
-        return SparseQ(self.ids[:n], self.probs[:n], self.vocab)
+    def take(self, nodes) -> SparseQ:
+        """These nodes' distributions, still compact (nodes: a slice or a list of node indices)."""
+        return SparseQ(self.ids[nodes], self.probs[nodes], self.vocab)
 
     def __getitem__(self, index):
         """Dense rows: q[i] -> [V], q[a:b] -> [b - a, V]."""
@@ -93,13 +94,7 @@ class Proposal:
             if p == parent:
                 nodes.append(i)
                 parent = i
-        if self.q is None:
-            q = None
-        elif isinstance(self.q, SparseQ):
-            q = SparseQ(self.q.ids[nodes], self.q.probs[nodes], self.q.vocab)
-        else:
-            q = self.q[nodes]
-        return Proposal.chain([self.tokens[i] for i in nodes], q)
+        return Proposal.chain([self.tokens[i] for i in nodes], self._q_of(nodes))
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for children of the root."""
@@ -119,8 +114,13 @@ class Proposal:
         """The first `budget` nodes (a valid tree: parents come first)."""
         if budget >= len(self.tokens):
             return self
-        q = None if self.q is None else self.q.head(budget) if isinstance(self.q, SparseQ) else self.q[:budget]
-        return Proposal(self.tokens[:budget], self.parents[:budget], q)
+        return Proposal(self.tokens[:budget], self.parents[:budget], self._q_of(slice(0, budget)))
+
+    def _q_of(self, nodes):
+        """q of these nodes (a slice or a list), in the form it came in: SparseQ stays compact."""
+        if self.q is None:
+            return None
+        return self.q.take(nodes) if isinstance(self.q, SparseQ) else self.q[nodes]
 
     def validate(self, vocab: int) -> None:
         if len(self.parents) != len(self.tokens):

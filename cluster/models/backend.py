@@ -65,6 +65,7 @@ class HFBackend:
     """A Hugging Face causal LM, eager, over ragged batches with tree masks and slot KV caches."""
 
     name = "hf-eager"
+    verifies_trees = True  # forward takes token trees (a tree attention mask); MEGABYTE's backend does not
 
     def __init__(self, model: torch.nn.Module, num_slots: int, capacity: int):
         self.model = model

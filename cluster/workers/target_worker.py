@@ -179,7 +179,7 @@ class TargetWorker:
     def _verify(self, items: list[VerifyTask]) -> list[Verdict]:
         seqs = [self.seqs[item.seq_id] for item in items]
         proposals = [item.proposal or Proposal() for item in items]
-        if not getattr(self.backend, "verifies_trees", True):
+        if not self.backend.verifies_trees:
             proposals = [p.first_branch() for p in proposals]
         for p in proposals:
             p.validate(self.vocab_size)

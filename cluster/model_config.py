@@ -9,7 +9,7 @@ from pathlib import Path
 from cluster.errors import ConfigError, ModelNotFoundError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BACKENDS = ("auto", "lean", "hf")
+BACKENDS = ("auto", "lean", "hf", "offload")
 
 
 @dataclass
@@ -19,6 +19,9 @@ class ModelConfig:
     gguf_file: str | None = None  # load a GGUF file inside `path` instead of safetensors
     backend: str = "auto"  # auto: the lean forward where it covers the model, else Hugging Face eager (logged)
     device: str = "auto"  # auto: where the worker runs (cuda if it has a GPU); or cpu, cuda, cuda:1, ...
+    # backend offload: `path` is a flash bundle (tools/bundle_ffn.py) whose FFN streams from storage; the
+    # weights held in DRAM (resident tensors, two layer buffers, the hot-neuron cache) stay within this.
+    memory_budget_gb: float = 0.0
 
     def validate(self, key: str) -> None:
         if not self.path:
@@ -27,6 +30,10 @@ class ModelConfig:
             raise ConfigError(f"{key}.dtype: {self.dtype!r} is not one of {DTYPES}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{key}.backend: {self.backend!r} is not one of {BACKENDS}")
+        if self.backend == "offload" and not self.memory_budget_gb > 0:
+            raise ConfigError(f"{key}.memory_budget_gb: backend offload needs a DRAM budget > 0")
+        if self.backend != "offload" and self.memory_budget_gb:
+            raise ConfigError(f"{key}.memory_budget_gb: only backend offload has a DRAM budget")
 
     def resolve(self, base: Path) -> None:
         """Relative paths are relative to the config file that names them."""
@@ -39,6 +46,8 @@ def check_model_dir(key: str, model: ModelConfig) -> None:
     if not path.is_dir():
         raise ModelNotFoundError(f"{key}.path: model directory {str(path)!r} does not exist")
     wanted = [model.gguf_file] if model.gguf_file else ["config.json"]
+    if model.backend == "offload":
+        wanted += ["bundle.json", "resident.safetensors", "ffn.bin", "neurons.safetensors"]
     for name in wanted:
         if not (path / name).is_file():
             raise ModelNotFoundError(f"{key}.path: {str(path)!r} has no {name}")

@@ -104,6 +104,18 @@ class MegabyteLocalConfig:
 
 
 @dataclass
+class SparseConfig:
+    """The offloaded target's own hot neurons as its draft ("LLM in a flash" sparsity, kept exact by
+    verification): resident attention and embeddings, the FFN over the neurons cached in DRAM only."""
+
+    vocab: int = 32768  # draft over this many most frequent tokens (a frequency-ordered head, FR-Spec); 0: all
+
+    def validate(self, key: str, check_paths: bool = True) -> None:
+        if self.vocab < 0:
+            raise ConfigError(f"{key}.vocab: must be >= 0")
+
+
+@dataclass
 class QuantizedConfig:
     """A compressed copy of the target without training: its linear layers quantized to int8 (dynamic
     quantization on CPU; weights int8, activations quantized on the fly), the rest in fp32."""

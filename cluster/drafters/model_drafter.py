@@ -101,3 +101,15 @@ def build_quantized(section, context) -> ModelDrafter:
     model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     backend = HFBackend(model, context.num_slots, context.capacity)
     return ModelDrafter(backend, 0.0, context.eos_ids, context.rule)
+
+
+def build_sparse(section, context) -> ModelDrafter:
+    """The offloaded target in this process, its FFN cut to the neurons its DRAM cache holds."""
+    from cluster.models.offload import SparseDraftBackend
+
+    target = getattr(context.target_model, "_offload", None)
+    if target is None:
+        raise ValueError("drafter.sparse: needs the target in the same process with `backend: offload` "
+                         "(it drafts from that backend's hot-neuron cache)")
+    return ModelDrafter(SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab), 0.0, context.eos_ids,
+                        context.rule)

@@ -14,6 +14,7 @@ from cluster.drafters.configs import (
     MultiConfig,
     NgramConfig,
     QuantizedConfig,
+    SparseConfig,
     SuffixConfig,
 )
 
@@ -37,6 +38,9 @@ DRAFTERS: dict[str, Kind] = {
                       "the target's first layers + head: a compressed copy, no training", model_based=True),
     "quantized": Kind(QuantizedConfig, "cluster.drafters.model_drafter:build_quantized",
                       "the target with int8 linear layers: a compressed copy, no training", model_based=True),
+    "sparse": Kind(SparseConfig, "cluster.drafters.model_drafter:build_sparse",
+                   "an offloaded target's hot neurons in DRAM (its FFN over cached neurons only); reads no storage",
+                   model_based=True),
     "multi": Kind(MultiConfig, "cluster.drafters.multi:build", "several drafters merged into one token tree"),
     "megabyte_local": Kind(MegabyteLocalConfig, "cluster.drafters.megabyte_local:build",
                            "MEGABYTE's local model on the draft tier, writing each patch from the target's conditioning",

@@ -85,7 +85,7 @@ class LeanBackend(HFBackend):
         positions = torch.tensor([s0 for s0, n in zip(starts, lengths) for _ in range(n)]) + depth
         write = torch.cat([cache.indices(r.slot, s0, s0 + n) for r, s0, n in zip(rows, starts, lengths)]).to(dev)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=dev)
-        x = F.embedding(ids, self.embed)  # [N, H]
+        x = self._embed(ids)  # [N, H]
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0).to(dev))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, D]
         cache.ensure_layers(len(self.layers), self.n_kv, self.head_dim, x.dtype, dev)
@@ -106,20 +106,30 @@ class LeanBackend(HFBackend):
                 for group in groups:
                     attn[group.tokens] = group.attend(self, q[group.tokens], keys, values).reshape(-1, nq)
             x = x + _linear(attn, o_w)
-            h = self._norm(x, ln2)
-            gu = _linear(h, gate_up)
-            x = x + _linear(F.silu(gu[:, :g]) * gu[:, g:], down)
+            x = x + self._ffn(li, self._norm(x, ln2), gate_up, down, g)
         out = self._norm(x, self.final_norm)  # [N, H]
         for r, k in zip(rows, lengths):
             cache.lengths[r.slot] += k
         if last_only:
             out = out[torch.tensor(offsets[1:], device=dev) - 1]
-            return PassOutput(_linear(out, self.head.weight).float(), hidden=out if hidden else None)
+            return PassOutput(self._head(out), hidden=out if hidden else None)
         pad_index = None
         if len(groups) > 1:  # flat position (row * width + j) of each packed token
             pad_index = torch.tensor([i * width + j for i, k in enumerate(lengths) for j in range(k)], device=dev)
-        return PassOutput(_linear(out, self.head.weight).float(), (b, width), pad_index,
+        return PassOutput(self._head(out), (b, width), pad_index,
                           _padded(out, pad_index, b, width) if hidden else None)
+
+    def _head(self, out: torch.Tensor) -> torch.Tensor:
+        """[N, H] final hidden states -> [N, V] float32 logits."""
+        return _linear(out, self.head.weight).float()
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed)
+
+    def _ffn(self, li: int, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, g: int) -> torch.Tensor:
+        """SwiGLU over resident weights (the offloaded backend streams them instead)."""
+        gu = _linear(h, gate_up)
+        return _linear(F.silu(gu[:, :g]) * gu[:, g:], down)
 
     def _attention(self, q, k, v, mask):
         """Scaled dot-product attention, q [B, heads, W, D] over k, v [B, kv_heads, S, D]. The query heads

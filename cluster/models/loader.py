@@ -40,6 +40,12 @@ def resolve_device(cfg: ModelConfig, default: str) -> str:
 def load_model(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
     check_model_dir("model", cfg)
     device = resolve_device(cfg, device)
+    if cfg.backend == "offload":  # a flash bundle: only the resident tensors are loaded
+        from cluster.models.offload import load_skeleton
+
+        if device != "cpu":
+            raise ValueError(f"backend offload runs on cpu, not {device}")
+        return load_skeleton(cfg.path, resolve_dtype(cfg, device))
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.path, dtype=resolve_dtype(cfg, device), local_files_only=True, attn_implementation="sdpa", **kwargs
@@ -57,6 +63,10 @@ def build_backend(model: torch.nn.Module, cfg: ModelConfig | None, num_slots: in
         from cluster.models.megabyte_backend import MegabyteBackend
 
         return MegabyteBackend(model, num_slots, capacity)
+    if choice == "offload":
+        from cluster.models.offload import OffloadedBackend
+
+        return OffloadedBackend(model, num_slots, capacity, cfg.path, cfg.memory_budget_gb)
     if choice == "hf":
         return HFBackend(model, num_slots, capacity)
     why_not = supports(model)

@@ -72,11 +72,12 @@ class _TargetSeq:
 
 class TargetWorker:
     def __init__(self, model_cfg: ModelConfig, num_slots: int, capacity: int, model: torch.nn.Module | None = None,
-                 device: str = "cpu", extra_eos: tuple[int, ...] = (), rule: str = "coupled"):
+                 device: str = "cpu", extra_eos: tuple[int, ...] = (), rule: str = "coupled", backend=None):
+        """backend: one already built over `model` (benchmarks build offloaded ones with their own settings)."""
         if rule not in RULES:
             raise ValueError(f"rule: {rule!r} is not one of {RULES}")
         model = model if model is not None else load_model(model_cfg, device)
-        self.backend = build_backend(model, model_cfg, num_slots, capacity)
+        self.backend = backend if backend is not None else build_backend(model, model_cfg, num_slots, capacity)
         self.rule = rule
         self.eos_ids = sorted(eos_ids(model) | set(extra_eos))  # held off below min_tokens
         self.seqs: dict[str, _TargetSeq] = {}

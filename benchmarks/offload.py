@@ -1,0 +1,272 @@
+"""A target larger than its DRAM budget, streamed from storage ("LLM in a flash"), with and without
+speculation, in one run; single stream, greedy, code completions (benchmarks/workloads/code.jsonl).
+
+    python -m benchmarks.offload [--bundle models/qwen2.5-coder-1.5b-flash] [--budget-fraction 0.5]
+        [--prompts 20] [--max-tokens 64] [--k 12] [--json]
+
+Modes, each in its own process (so each one's peak RSS is its own):
+  naive         every layer's FFN read from storage for every pass, then computed (no cache, no prefetch)
+  offload       the offloaded backend without speculation: hot neurons cached, the rest read one layer ahead
+  offload_spec  the same with its sparse hot-neuron draft (the FFN over cached neurons only), K tokens a pass
+  offload_small_draft  the same target with Qwen2.5-Coder-0.5B as the draft, inside the same budget
+  dense         the in-memory model (no budget): the reference every mode's output is checked against
+The two modes without speculation take seconds per token, so they time the first --slow-prompts prompts;
+the others run all of them. `exact`: every output is the dense model's greedy argmax at every position
+(teacher-forced, bf16 near-ties counted, as in benchmarks/exactness.py), and the token streams are
+compared with the dense model's own greedy outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = Path(__file__).with_name("workloads") / "code.jsonl"
+MODES = ("naive", "offload", "offload_spec", "offload_small_draft")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def code_prompts(count: int) -> list[str]:
+    rows = [json.loads(line) for line in WORKLOAD.read_text().splitlines() if line.strip()]
+    step = max(1, len(rows) // count)
+    return [r["prompt"] for r in rows[::step][:count]]
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of a bundle's weights: what the model is, however it is split."""
+    return sum((directory / f).stat().st_size for f in ("resident.safetensors", "ffn.bin", "embed.bin")
+               if (directory / f).is_file())
+
+
+def bf16_copy(source: Path) -> Path:
+    """The small draft in bf16 on disk (the fetched copy is fp32: loading it would touch twice the bytes)."""
+    dest = source.with_name(source.name + "-bf16")
+    if not (dest / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log(f"writing a bf16 copy of {source} to {dest}")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, local_files_only=True)
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(dest)
+    return dest
+
+
+def run_mode(args) -> dict:
+    """One mode in this process: build the engine, generate, report."""
+    import torch
+
+    from cluster.config import DrafterConfig, EngineConfig, ModelConfig, SpeculationConfig
+    from cluster.drafters.configs import ModelDrafterConfig, SparseConfig
+    from cluster.engine import SpecEngine
+    from cluster.models.flash_store import BundleLayout
+    from cluster.types import SamplingParams
+
+    torch.set_num_threads(2)
+    mode, bundle = args.run_mode, Path(args.bundle)
+    prompts = code_prompts(args.prompts)
+    if mode in ("naive", "offload"):
+        prompts = prompts[: args.slow_prompts]
+    budget = args.budget_fraction * weight_bytes(bundle) / 1e9
+    draft_gb = 0.0
+    k = 0
+    drafter = DrafterConfig("ngram")
+    if mode == "offload_spec":
+        k, drafter = args.k, DrafterConfig("sparse", {"sparse": SparseConfig()})
+    elif mode == "offload_small_draft":
+        small = bf16_copy(Path(args.small_draft))
+        draft_gb = sum(f.stat().st_size for f in small.glob("*.safetensors")) / 1e9
+        k, drafter = args.k, DrafterConfig("model", {"model": ModelDrafterConfig(str(small), dtype="bfloat16")})
+    if mode == "dense":
+        target = ModelConfig(args.source, dtype="bfloat16")
+    else:
+        target = ModelConfig(str(bundle), dtype="bfloat16", backend="offload", memory_budget_gb=budget - draft_gb)
+    config = EngineConfig(target=target, drafter=drafter, speculation=SpeculationConfig(k=k, k_max=max(k, 1),
+                                                                                        adaptive=False))
+    config.limits.max_batch_size = 1
+    config.limits.max_model_len = 1024
+    start = time.perf_counter()
+    if mode in ("naive", "offload_small_draft"):
+        engine = _engine_with_cache(config, 0 if mode == "naive" else None, prefetch=mode != "naive")
+    else:
+        engine = SpecEngine(config.validate())
+    load_s = time.perf_counter() - start
+    backend = engine.target.backend
+    read0 = getattr(getattr(backend, "reader", None), "bytes_read", 0)
+    outputs, passes, accepted, drafted = [], 0, 0, 0
+    params = SamplingParams(max_tokens=args.max_tokens)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        out = engine.generate([prompt], params)[0]
+        outputs.append({"prompt_ids": engine.tokenizer.encode(prompt), "token_ids": out.token_ids})
+        passes += out.stats.steps
+        accepted += out.stats.accepted
+        drafted += out.stats.drafted
+        done = sum(len(o["token_ids"]) for o in outputs)
+        log(f"  {mode}: prompt {i + 1}/{len(prompts)}, {done} tokens, {done / (time.perf_counter() - start):.2f} tok/s")
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o["token_ids"]) for o in outputs)
+    row = {"mode": mode, "prompts": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
+           "tokens_per_s": round(tokens / seconds, 3), "load_s": round(load_s, 1),
+           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+           "k": k, "verify_passes": passes, "drafted": drafted, "accepted": accepted,
+           "tokens_per_pass": round(tokens / max(passes, 1), 2), "accepted_per_pass": round(accepted / max(passes, 1), 2),
+           "outputs": outputs}
+    if mode != "dense":
+        lay = BundleLayout.load(bundle)
+        backend.settle()
+        read = backend.reader.bytes_read - read0 + (backend.embed_rows.bytes_read if backend.embed_rows else 0)
+        row |= {"budget_gb": round(budget, 3), "held_gb": round((backend.held_bytes + draft_gb * 1e9) / 1e9, 3),
+                "cached_neurons": f"{backend.neurons.capacity}/{lay.intermediate}",
+                "bytes_read_per_token": int(read / max(tokens, 1)),
+                "read_gb_per_s": round(read / 1e9 / max(seconds, 1e-9), 2),
+                "io_wait_share": round(backend.io_wait_s / seconds, 3)}
+    return row
+
+
+def _engine_with_cache(config, cache_neurons: int | None, prefetch: bool):
+    """An engine whose offloaded target is built with explicit cache/prefetch settings (naive streaming:
+    no cache, no read-ahead; a small draft: whatever budget is left, possibly none)."""
+    from cluster.engine import SpecEngine
+    from cluster.models.loader import load_model, load_tokenizer
+    from cluster.models.offload import OffloadedBackend
+    from cluster.workers.target_worker import TargetWorker
+
+    limits, spec = config.validate().limits, config.speculation
+    capacity = limits.max_model_len + spec.k_max + 1
+    model = load_model(config.target)
+    tokenizer = load_tokenizer(config.target)
+    cfg = config.target
+    try:
+        backend = OffloadedBackend(model, limits.max_batch_size, capacity, cfg.path, cfg.memory_budget_gb,
+                                   prefetch=prefetch, cache_neurons=cache_neurons)
+    except ValueError as err:  # the budget left after the draft holds no cache: stream all of the FFN
+        log(f"  {err}; running with no neuron cache")
+        backend = OffloadedBackend(model, limits.max_batch_size, capacity, cfg.path, 1e6, prefetch=prefetch,
+                                   cache_neurons=0)
+    worker = TargetWorker(cfg, limits.max_batch_size, capacity, model=model, rule=spec.rule, backend=backend,
+                          extra_eos=tuple({tokenizer.eos_token_id} - {None}))
+    return SpecEngine(config, tokenizer=tokenizer, target=worker)
+
+
+def check(args, rows: list[dict]) -> dict:
+    """Teacher-forced exactness of every mode's outputs against the dense model (this process loads it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.exactness import check_outputs
+
+    model = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.bfloat16, local_files_only=True).eval()
+    dense = {tuple(o["prompt_ids"]): o["token_ids"] for r in rows if r["mode"] == "dense" for o in r["outputs"]}
+    out = {}
+    for r in rows:
+        result = check_outputs(model, [o["prompt_ids"] for o in r["outputs"]], [o["token_ids"] for o in r["outputs"]])
+        same = sum(dense.get(tuple(o["prompt_ids"])) == o["token_ids"] for o in r["outputs"])
+        out[r["mode"]] = {**result, "identical_to_dense": f"{same}/{len(r['outputs'])}"}
+    return out
+
+
+def spawn(args, mode: str, extra: list[str] | None = None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    cmd = [sys.executable, "-m", "benchmarks.offload", "--run-mode", mode, "--out", path,
+           "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
+           "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
+           "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
+           *(extra or [])]
+    log(f"{mode}: starting")
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(Path(path).read_text())
+    os.unlink(path)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="models/qwen2.5-coder-1.5b-flash")
+    parser.add_argument("--source", default="models/qwen2.5-coder-1.5b-instruct", help="the dense model (reference)")
+    parser.add_argument("--small-draft", default="models/qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--budget-fraction", type=float, default=0.5, help="DRAM budget / model weight bytes")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--slow-prompts", type=int, default=2, help="prompts the modes without speculation time")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--k", type=int, default=12, help="draft tokens per pass")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--run-mode", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--check-from", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_mode:  # a child: one mode
+        Path(args.out).write_text(json.dumps(run_mode(args)))
+        return {}
+    if args.check_from:  # a child: the exactness check
+        Path(args.out).write_text(json.dumps(check(args, json.loads(Path(args.check_from).read_text()))))
+        return {}
+    from cluster.models.flash_store import drop_from_page_cache
+
+    bundle = Path(args.bundle)
+    for name in ("ffn.bin", "embed.bin"):
+        if (bundle / name).is_file():
+            drop_from_page_cache(bundle / name)
+    rows = [spawn(args, mode) for mode in ("dense", *args.modes)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(rows, f)
+    checks = _check(args, f.name)
+    os.unlink(f.name)
+    by = {r["mode"]: r for r in rows}
+    for r in rows:
+        r |= {k: checks[r["mode"]][k] for k in ("positions", "near_ties", "mismatches", "identical_to_dense")}
+        r.pop("outputs")
+    naive = by.get("naive", {}).get("tokens_per_s")
+    spec = by.get("offload_spec", {})
+    result = {
+        "model": bundle.name, "model_gb": round(weight_bytes(bundle) / 1e9, 3),
+        "budget_gb": round(args.budget_fraction * weight_bytes(bundle) / 1e9, 3),
+        "peak_rss_gb": spec.get("peak_rss_gb"), "bytes_read_per_token": spec.get("bytes_read_per_token"),
+        "accepted_per_pass": spec.get("accepted_per_pass"), "tokens_per_pass": spec.get("tokens_per_pass"),
+        "tokens_per_s_dense_in_memory": by["dense"]["tokens_per_s"],
+        "tokens_per_s_naive": naive, "tokens_per_s_offload": by.get("offload", {}).get("tokens_per_s"),
+        "tokens_per_s_offload_spec": spec.get("tokens_per_s"),
+        "tokens_per_s_offload_small_draft": by.get("offload_small_draft", {}).get("tokens_per_s"),
+        "exact": all(checks[m]["mismatches"] == 0 for m in checks),
+        "rows": rows,
+    }
+    for key in ("offload", "offload_spec", "offload_small_draft"):
+        if naive and result[f"tokens_per_s_{key}"]:
+            result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
+    from benchmarks.cluster_load import emit
+
+    cols = ["mode", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass",
+                             "bytes_read_per_token", "read_gb_per_s", "io_wait_share", "held_gb", "budget_gb",
+                             "peak_rss_gb", "cached_neurons", "near_ties", "mismatches", "identical_to_dense"]
+    if not args.json:
+        result = {**result, "rows": [{c: r.get(c, "-") for c in cols} for r in rows]}
+    emit(result, args.json, cols)
+    return result
+
+
+def _check(args, rows_path: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    log("check: teacher-forced against the dense model")
+    subprocess.run([sys.executable, "-m", "benchmarks.offload", "--check-from", rows_path, "--out", out,
+                    "--source", args.source], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""A target larger than its DRAM budget ("LLM in a flash", exact): FFN weights stay in a flash bundle on
+storage and stream through DRAM one layer at a time; a cache of hot neurons stays resident.
+
+- `OffloadedBackend` is the dense target. Embeddings, norms and attention are resident; for each layer
+  the neurons not in the cache are read (long aligned reads, on a thread, one layer ahead of compute)
+  into a staging buffer that mirrors the layer's block, the cached rows are copied in beside them, and
+  the FFN runs dense over all of them. Its logits are the in-memory model's, whatever the cache holds.
+- `NeuronCache` holds, per layer, the `capacity` neuron rows with the highest score: the calibration
+  hotness at start, then an exponential window over the |activations| of the tokens each pass verified
+  (the paper's sliding window; the rows are copied from the staging buffer, never read twice).
+- `SparseDraftBackend` is the draft: the same resident weights (shared, no copy), its FFN over the cached
+  neurons only. It reads nothing from storage, and it is only a draft: the dense target verifies.
+
+The budget: resident tensors + two staging buffers + the cache <= `memory_budget_gb`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cluster.core.cost_model import CostCurve
+from cluster.models.flash_store import BundleLayout, EmbeddingRows, FlashReader, aligned_buffer, runs
+from cluster.models.lean import LeanBackend, _linear
+
+log = logging.getLogger(__name__)
+
+
+class NeuronCache:
+    """Per layer: `ids` (bundle row ids held, one per cache slot), `rows` [capacity, 3, H] their weights,
+    and `score` [I] the ranking that decides membership."""
+
+    def __init__(self, layout: BundleLayout, capacity: int, hotness: list[torch.Tensor], decay: float = 0.9):
+        self.layout, self.capacity, self.decay = layout, capacity, decay
+        dtype, h, inter = layout.torch_dtype, layout.hidden, layout.intermediate
+        self.rows = [torch.empty(capacity, 3, h, dtype=dtype) for _ in range(layout.layers)]
+        # Scores on one scale per layer (mean |activation|); the prior only orders the cold start.
+        self.score = [hot.float().clone() for hot in hotness]
+        self.ids = [torch.arange(capacity) for _ in range(layout.layers)]  # hottest first (bundle order)
+        self.cached = [torch.zeros(inter, dtype=torch.bool) for _ in range(layout.layers)]
+        for c in self.cached:
+            c[:capacity] = True
+        self.filled = [False] * layout.layers  # rows hold real weights once a pass has streamed the layer
+        self.swaps = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.rows)
+
+    def missing(self, layer: int) -> torch.Tensor:
+        """Sorted ids a dense pass must read for this layer (everything before its first pass)."""
+        if not self.filled[layer]:
+            return torch.arange(self.layout.intermediate)
+        return (~self.cached[layer]).nonzero().flatten()
+
+    def fill_into(self, layer: int, full: torch.Tensor) -> None:
+        """Copy the cached rows into a layer buffer whose other rows were read from storage."""
+        if self.filled[layer] and self.capacity:
+            full.index_copy_(0, self.ids[layer], self.rows[layer])
+
+    def observe(self, layer: int, activity: torch.Tensor, full: torch.Tensor) -> None:
+        """After a dense pass over `full` (the whole layer, [I, 3, H]): fold this pass's mean |activation|
+        per neuron into the window score, and swap in the neurons that now rank in the top `capacity`."""
+        if not self.capacity:
+            return
+        score = self.score[layer].mul_(self.decay).add_(activity.float(), alpha=1 - self.decay)
+        if not self.filled[layer]:
+            self.rows[layer].copy_(full.index_select(0, self.ids[layer]))
+            self.filled[layer] = True
+        if self.decay == 1.0:  # a fixed hot set
+            return
+        top = torch.topk(score, self.capacity, sorted=False).indices
+        want = torch.zeros_like(self.cached[layer])
+        want[top] = True
+        entering = (want & ~self.cached[layer]).nonzero().flatten()
+        if len(entering) == 0:
+            return
+        leaving_slots = (~want[self.ids[layer]]).nonzero().flatten()[: len(entering)]
+        self.rows[layer][leaving_slots] = full.index_select(0, entering)
+        self.ids[layer][leaving_slots] = entering
+        self.cached[layer] = want
+        self.swaps += len(entering)
+
+
+class OffloadedBackend(LeanBackend):
+    """The dense target with its FFN streamed from a flash bundle (see the module docstring)."""
+
+    name = "offload"
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, capacity: int, bundle: Path,
+                 memory_budget_gb: float, prefetch: bool = True, direct: bool | None = None,
+                 cache_neurons: int | None = None, window_decay: float = 0.9):
+        """cache_neurons: cache rows per layer (default: whatever the budget leaves); 0 with prefetch off
+        is naive streaming, every layer's FFN read for every pass before it computes. window_decay: how much of
+        a neuron's score survives a pass (1.0 keeps the calibration ranking: a fixed hot set)."""
+        super().__init__(model, num_slots, capacity)
+        from safetensors.torch import load_file
+
+        self.device = torch.device("cpu")  # the model's first parameter may be a streamed (meta) one
+        self.bundle = Path(bundle)
+        self.layout = layout = BundleLayout.load(self.bundle)
+        if layout.layers != len(self.layers):
+            raise ValueError(f"{bundle}: bundle has {layout.layers} layers, the model {len(self.layers)}")
+        self.reader = FlashReader(self.bundle / "ffn.bin", layout, direct=direct)
+        self.embed_rows = EmbeddingRows(self.bundle / "embed.bin", layout, direct) if layout.embed_rows else None
+        neurons = load_file(self.bundle / "neurons.safetensors")
+        hotness = [neurons[f"layer.{i}.hotness"] for i in range(layout.layers)]
+        # The head's rows stored most frequent token first (an untied head; see tools/bundle_ffn.py).
+        self.vocab_order = neurons["vocab.order"].long() if "vocab.order" in neurons else None
+        self.resident_bytes = resident_bytes(model)
+        self.buffer_bytes = 2 * layout.layer_bytes
+        budget = int(memory_budget_gb * 1e9)
+        room = budget - self.resident_bytes - self.buffer_bytes
+        if cache_neurons is None:
+            if room < 0:
+                raise ValueError(
+                    f"memory_budget_gb {memory_budget_gb}: the resident weights ({self.resident_bytes / 1e9:.2f} GB) "
+                    f"and two layer buffers ({self.buffer_bytes / 1e9:.2f} GB) need "
+                    f"{(self.resident_bytes + self.buffer_bytes) / 1e9:.2f} GB")
+            cache_neurons = min(layout.intermediate, room // (layout.layers * layout.row_bytes))
+        self.budget_bytes = budget
+        self.neurons = NeuronCache(layout, cache_neurons, hotness, window_decay)
+        self._buffers = [aligned_buffer(layout.layer_bytes) for _ in range(2)]
+        self._turn = 0  # which buffer the next read fills: consecutive reads alternate
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-read") if prefetch else None
+        self._ahead: tuple[int, Future | None, torch.Tensor] | None = None  # (layer, read, buffer)
+        self.io_wait_s = 0.0  # time compute waited on storage
+        self.passes = 0
+        model._offload = self  # a sparse draft in this process finds the cache through the model
+        log.info("offload backend: %s, budget %.2f GB = resident %.2f + buffers %.2f + cache %.2f GB "
+                 "(%d of %d neurons per layer), %s reads", bundle, budget / 1e9, self.resident_bytes / 1e9,
+                 self.buffer_bytes / 1e9, self.neurons.nbytes / 1e9, cache_neurons, layout.intermediate,
+                 "O_DIRECT" if self.reader.direct else "fadvise(DONTNEED)")
+
+    @property
+    def held_bytes(self) -> int:
+        """Weight bytes this backend holds in DRAM: what the budget bounds."""
+        return self.resident_bytes + self.buffer_bytes + self.neurons.nbytes
+
+    # --- streaming -----------------------------------------------------------------------------------
+    def _start_read(self, layer: int) -> tuple[int, Future | None, torch.Tensor]:
+        buf = self._buffers[self._turn]
+        self._turn ^= 1
+        spans = runs(self.neurons.missing(layer))
+        if self._pool is None:
+            self.reader.read_rows(layer, spans, buf)
+            return layer, None, buf
+        return layer, self._pool.submit(self.reader.read_rows, layer, spans, buf), buf
+
+    def settle(self) -> None:
+        """Wait for the read in flight (the next pass's first layer), so byte counts are complete."""
+        if self._ahead is not None and self._ahead[1] is not None:
+            self._ahead[1].result()
+
+    def _layer(self, li: int) -> torch.Tensor:
+        """Layer li's full FFN block [I, 3, H] in a staging buffer, and the next read started."""
+        if self._ahead is None or self._ahead[0] != li:
+            if self._ahead is not None and self._ahead[1] is not None:
+                self._ahead[1].result()  # a read for another layer (a pass began elsewhere): let it land
+            self._ahead = self._start_read(li)
+        layer, future, buf = self._ahead
+        if future is not None:
+            start = time.perf_counter()
+            future.result()
+            self.io_wait_s += time.perf_counter() - start
+        nxt = (li + 1) % self.layout.layers  # after the last layer, the next pass's first: read while drafting
+        # (a one-layer model plans its next read after this pass's cache update, in the next pass)
+        self._ahead = self._start_read(nxt) if self._pool is not None and nxt != li else None
+        lay = self.layout
+        full = buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
+        self.neurons.fill_into(li, full)
+        return full
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return super()._embed(ids) if self.embed_rows is None else self.embed_rows(ids)
+
+    def _head(self, out: torch.Tensor) -> torch.Tensor:
+        logits = super()._head(out)
+        if self.vocab_order is None:
+            return logits
+        return torch.empty_like(logits).index_copy_(1, self.vocab_order, logits)  # back in token-id order
+
+    def _ffn(self, li, h, gate_up, down, g):
+        full = self._layer(li)
+        act = F.silu(F.linear(h, full[:, 0])) * F.linear(h, full[:, 1])  # [N, I]
+        out = act @ full[:, 2]
+        self.neurons.observe(li, act.abs().mean(0), full)
+        if li == self.layout.layers - 1:
+            self.passes += 1
+        return out
+
+    def calibrate(self) -> CostCurve:
+        """A few real passes (each one streams the model): one row of 1, 4, 8 and 16 new tokens."""
+        slot = self.cache.allocate()
+        samples = []
+        try:
+            for tokens in (1, 1, 4, 8, 16):
+                self._stale_context(slot, 64)
+                start = time.perf_counter()
+                self.forward([_row(slot, tokens)])
+                samples.append((1, tokens, 64 + tokens, time.perf_counter() - start))
+        finally:
+            self.cache.free(slot)
+        self.curve = CostCurve.fit(samples[1:])  # the first warms up
+        return self.curve
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.reader.close()
+
+
+class SparseDraftBackend(LeanBackend):
+    """The offloaded target's resident weights with its FFN over the cached (hot) neurons only."""
+
+    name = "sparse-draft"
+
+    def __init__(self, target: OffloadedBackend, num_slots: int, capacity: int, vocab: int = 0):
+        """vocab: draft over the `vocab` most frequent tokens only (the first rows of a frequency-ordered
+        head, no copy; 0 or a head in token order: all of them). Other tokens get -inf: never drafted."""
+        super().__init__(target.model, num_slots, capacity)
+        self.device = target.device
+        self.neurons = target.neurons
+        self._embed = target._embed  # the same rows, resident or read on demand
+        self.order = target.vocab_order
+        self.vocab = vocab if self.order is not None and 0 < vocab < len(self.order) else 0
+
+    def _head(self, out: torch.Tensor) -> torch.Tensor:
+        if self.order is None:
+            return super()._head(out)
+        rows = self.head.weight[: self.vocab] if self.vocab else self.head.weight
+        sub = _linear(out, rows).float()
+        logits = sub.new_full((out.shape[0], len(self.order)), float("-inf"))
+        return logits.index_copy_(1, self.order[: sub.shape[1]], sub)
+
+    def _ffn(self, li, h, gate_up, down, g):
+        rows = self.neurons.rows[li]
+        if not self.neurons.filled[li] or len(rows) == 0:
+            return torch.zeros_like(h)  # nothing cached yet: the layer's FFN contributes nothing to the draft
+        act = F.silu(F.linear(h, rows[:, 0])) * F.linear(h, rows[:, 1])
+        return act @ rows[:, 2]
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's real (non-meta) tensors, shared ones counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def load_skeleton(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with its resident tensors loaded and its FFN weights left on the meta device (no memory):
+    the config comes from `from_pretrained` on the bundle directory, the weights from resident.safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    state = {k: v.to(dtype) for k, v in load_file(path / "resident.safetensors").items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{path}/resident.safetensors: tensors the model does not have: {unexpected[:4]}")
+    streamed = (".mlp.", "lm_head") + (("embed_tokens",) if (path / "embed.bin").is_file() else ())
+    if any(not any(s in k for s in streamed) for k in missing):
+        raise ValueError(f"{path}/resident.safetensors: missing {[k for k in missing if '.mlp.' not in k][:4]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    elif model.lm_head.weight.device.type == "meta":
+        raise ValueError(f"{path}: untied lm_head missing from resident.safetensors")
+    with torch.device("cpu"):  # its inverse frequencies are computed, not loaded
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device.type == "meta" and not any(s in k for s in streamed)]
+    if left:
+        raise ValueError(f"{path}: tensors neither resident nor streamed: {left[:4]}")
+    return model.eval()
+
+
+def _row(slot: int, tokens: int):
+    from cluster.models.backend import Row
+
+    return Row(slot, [0] * tokens)

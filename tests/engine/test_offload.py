@@ -1,0 +1,224 @@
+"""Targets larger than memory (issue 12): the offloaded backend streams its FFN from a flash bundle and
+keeps hot neurons in DRAM; its logits are the in-memory model's, its DRAM stays within the budget, its
+reads bypass the page cache, and speculation with its own sparse hot-neuron draft is exact."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cluster.config import DrafterConfig, EngineConfig, ModelConfig, SpeculationConfig
+from cluster.drafters.configs import SparseConfig
+from cluster.engine import SpecEngine
+from cluster.models.backend import Row
+from cluster.models.flash_store import ALIGN, BundleLayout, byte_ranges, drop_from_page_cache, resident_fraction, runs
+from cluster.models.lean import LeanBackend
+from cluster.models.offload import OffloadedBackend, SparseDraftBackend, load_skeleton, resident_bytes
+from cluster.types import SamplingParams
+from tests.engine.helpers import assert_same_or_near_tie
+from tools.bundle_ffn import bundle
+
+PROMPTS = ["def add(a, b):\n    return", "import os\n", "for i in range(10):\n    print(i)\nfor i in range(10):\n",
+           "x", "class A:\n    def f(self):\n        return self\n\nclass B:\n"]
+
+
+@pytest.fixture(scope="module")
+def flash(tiny_models, tmp_path_factory):
+    """The tiny target bundled by the real script (neurons ranked on stdlib text), fp32."""
+    out = tmp_path_factory.mktemp("flash") / "target"
+    bundle(tiny_models["target"], out, "float32", calibration_tokens=512)
+    return out
+
+
+def _budget_gb(skeleton, layout: BundleLayout, neurons: int) -> float:
+    """The budget that leaves room for `neurons` cached rows per layer."""
+    return (resident_bytes(skeleton) + 2 * layout.layer_bytes + neurons * layout.layers * layout.row_bytes) / 1e9
+
+
+def _offloaded(flash, neurons: int, **kw) -> OffloadedBackend:
+    skeleton = load_skeleton(flash, torch.float32)
+    layout = BundleLayout.load(flash)
+    return OffloadedBackend(skeleton, 4, 128, flash, _budget_gb(skeleton, layout, neurons) + 1e-9, **kw)
+
+
+def test_the_bundle_holds_the_models_ffn_row_by_row(tiny_models, flash):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    layout = BundleLayout.load(flash)
+    raw = torch.frombuffer(bytearray((flash / "ffn.bin").read_bytes()), dtype=torch.uint8)
+    order = load_file(flash / "neurons.safetensors")
+    for li, layer in enumerate(model.model.layers):
+        rows = raw[layout.layer_offsets[li]:layout.layer_offsets[li] + layout.layer_bytes].view(torch.float32)
+        rows = rows.view(layout.intermediate, 3, layout.hidden)
+        ids = order[f"layer.{li}.order"].long()
+        assert sorted(ids.tolist()) == list(range(layout.intermediate))
+        assert torch.equal(rows[:, 0], layer.mlp.gate_proj.weight[ids])
+        assert torch.equal(rows[:, 1], layer.mlp.up_proj.weight[ids])
+        assert torch.equal(rows[:, 2], layer.mlp.down_proj.weight[:, ids].t())
+        hot = order[f"layer.{li}.hotness"]
+        assert torch.all(hot[:-1] >= hot[1:]) and hot[0] > 0  # hottest first, from real activations
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback(tiny_models, flash, prefetch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    lean, off = LeanBackend(model, 4, 128), _offloaded(flash, 40, prefetch=prefetch)
+    assert 0 < off.neurons.capacity < off.layout.intermediate
+    for b in (lean, off):
+        b.slots = [b.cache.allocate() for _ in range(3)]
+    prompts = [[5, 17, 40, 22, 9], [3], [8, 8, 8, 8, 8, 8, 8, 8, 1, 2, 3]]
+    outs = [b.forward([Row(s, p) for s, p in zip(b.slots, prompts)]).logits for b in (lean, off)]
+    for i, p in enumerate(prompts):
+        assert (outs[0][i, : len(p)] - outs[1][i, : len(p)]).abs().max() < 1e-4
+    for step in range(6):  # the cache changes between passes; the logits must not
+        starts = [list(b.cache.lengths) for b in (lean, off)]
+        rows = lambda b: [Row(b.slots[0], [22, 7, 9, 11, 4], [-1, 0, 0, 2, 2]), Row(b.slots[1], [6, 2, 9 + step]),  # noqa: E731
+                          Row(b.slots[2], [5 + step])]
+        outs = [b.forward(rows(b)).logits for b in (lean, off)]
+        for i, n in enumerate((5, 3, 1)):
+            assert (outs[0][i, :n] - outs[1][i, :n]).abs().max() < 1e-4
+        for b, st in zip((lean, off), starts):
+            b.commit(b.slots[0], st[b.slots[0]], [0, 2, 4])
+            b.commit(b.slots[1], st[b.slots[1]], [0])
+    assert off.neurons.swaps > 0  # the window moved neurons in and out of DRAM meanwhile
+    assert off.passes == 7
+
+
+def test_the_budget_bounds_what_is_held_and_reads_skip_the_cache_and_the_page_cache(flash):
+    drop_from_page_cache(flash / "ffn.bin")  # another test read the file through the page cache
+    off = _offloaded(flash, 40, window_decay=1.0)  # a fixed hot set: the first 40 rows of each layer
+    assert off.held_bytes <= off.budget_bytes
+    assert off.neurons.capacity == 40
+    skeleton = load_skeleton(flash, torch.float32)
+    with pytest.raises(ValueError, match="memory_budget_gb"):  # not even room for resident + buffers
+        OffloadedBackend(skeleton, 4, 128, flash, resident_bytes(skeleton) / 1e9)
+    slot = off.cache.allocate()
+    off.forward([Row(slot, [1, 2, 3])])  # the first pass reads every row (nothing cached yet)
+    off.settle()
+    lay = off.layout
+    assert off.reader.bytes_read >= lay.ffn_bytes
+    before = off.reader.bytes_read
+    off.forward([Row(slot, [4])])
+    off.settle()
+    read = off.reader.bytes_read - before
+    # after it, only the uncached rows 40..127, rounded out to 4 KiB
+    first = 40 * lay.row_bytes // ALIGN * ALIGN
+    assert read == lay.layers * (lay.layer_bytes - first)
+    assert resident_fraction(flash / "ffn.bin") < 0.05  # the page cache does not quietly hold the model
+
+
+def test_byte_ranges_align_and_merge():
+    assert byte_ranges([(0, 3)], 1000, 1 << 20) == [(0, 4096)]
+    assert byte_ranges([(0, 1), (5, 6)], 1000, 1 << 20) == [(0, 8192)]  # rounded ranges overlap: one read
+    assert byte_ranges([(0, 1), (20, 21)], 1000, 1 << 20) == [(0, 4096), (16384, 24576)]
+    assert byte_ranges([(0, 1), (20, 21)], 1000, 1 << 20, merge_bytes=16384) == [(0, 24576)]
+    assert byte_ranges([(30, 32)], 1000, 31000) == [(28672, 31000)]  # never past the layer's block
+
+
+def test_naive_streaming_reads_every_layer_every_pass(flash):
+    naive = _offloaded(flash, 0, prefetch=False)
+    slot = naive.cache.allocate()
+    for n in range(3):
+        naive.forward([Row(slot, [1 + n])])
+    assert naive.reader.bytes_read >= 3 * naive.layout.ffn_bytes
+
+
+def test_read_runs_merge_short_gaps():
+    ids = torch.tensor([0, 1, 2, 5, 6, 20, 21, 40])
+    assert runs(ids) == [(0, 3), (5, 7), (20, 22), (40, 41)]
+    assert runs(ids, merge_gap=3) == [(0, 7), (20, 22), (40, 41)]
+    assert runs(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_the_sparse_draft_uses_only_cached_neurons(flash):
+    off = _offloaded(flash, 40)
+    slot = off.cache.allocate()
+    off.forward([Row(slot, [5, 17, 40])])  # fills the cache
+    draft = SparseDraftBackend(off, 2, 128)
+    assert draft.layers is off.layers or draft.layers == off.layers  # shared resident weights
+    d = draft.cache.allocate()
+    first = draft.forward([Row(d, [5, 17, 40])], last_only=True).logits
+    for buf in off._buffers:  # what the target streams does not matter to it
+        buf.fill_(0x7F)
+    draft.cache.truncate(d, 0)
+    again = draft.forward([Row(d, [5, 17, 40])], last_only=True).logits
+    assert torch.equal(first, again)
+    off.neurons.rows[0].mul_(0.0)  # but the cached ones do
+    draft.cache.truncate(d, 0)
+    assert not torch.equal(first, draft.forward([Row(d, [5, 17, 40])], last_only=True).logits)
+
+
+def _offload_engine(flash, k: int, base: SpecEngine) -> SpecEngine:
+    skeleton = load_skeleton(flash, torch.float32)
+    budget = _budget_gb(skeleton, BundleLayout.load(flash), 48) + 1e-9
+    config = EngineConfig(
+        target=ModelConfig(str(flash), dtype="float32", backend="offload", memory_budget_gb=budget),
+        drafter=DrafterConfig("sparse", {"sparse": SparseConfig()}),
+        speculation=SpeculationConfig(k=k, k_max=8, adaptive=False),
+    )
+    return SpecEngine(config.validate(), tokenizer=base.tokenizer)
+
+
+def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine):
+    dense = make_engine("ngram", k=0)  # the in-memory target
+    spec = _offload_engine(flash, 6, dense)
+    assert spec.target.backend.name == "offload"
+    greedy = SamplingParams(max_tokens=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    for prompt, want, got in zip(PROMPTS, dense.generate(PROMPTS, greedy), spec.generate(PROMPTS, greedy)):
+        assert_same_or_near_tie(model, dense.tokenizer.encode(prompt), want.token_ids, got.token_ids)
+    assert spec.stats.drafted > 0 and spec.stats.accepted > 0
+    sampled = [SamplingParams(max_tokens=32, temperature=0.9, seed=i) for i in range(len(PROMPTS))]
+    plain = _offload_engine(flash, 0, dense)
+    assert [o.token_ids for o in spec.generate(PROMPTS, sampled)] == \
+        [o.token_ids for o in plain.generate(PROMPTS, sampled)]
+
+
+def test_a_sparse_draft_without_an_offloaded_target_is_refused(make_engine):
+    base = make_engine("ngram", k=4)
+    config = base.config
+    config.drafter = DrafterConfig("sparse", {"sparse": SparseConfig()})
+    with pytest.raises(ValueError, match="backend: offload"):
+        SpecEngine(config, tokenizer=base.tokenizer, target=base.target)
+
+
+def test_offload_config_needs_a_budget_and_a_bundle(tiny_models):
+    from cluster.errors import ConfigError, ModelNotFoundError
+    from cluster.model_config import check_model_dir
+
+    with pytest.raises(ConfigError, match="memory_budget_gb"):
+        ModelConfig(str(tiny_models["target"]), backend="offload").validate("target")
+    with pytest.raises(ConfigError, match="only backend offload"):
+        ModelConfig(str(tiny_models["target"]), memory_budget_gb=1.0).validate("target")
+    with pytest.raises(ModelNotFoundError, match="bundle.json"):
+        check_model_dir("target", ModelConfig(str(tiny_models["target"]), backend="offload", memory_budget_gb=1))
+
+
+def test_a_frequency_ordered_head_gives_the_same_target_logits_and_a_smaller_draft_vocabulary(tiny_models, flash):
+    """The bundle stores an untied head most frequent token first; the target puts its logits back in
+    token order, and a draft over the first rows proposes only those tokens, with the same logits there."""
+    order = load_file(flash / "neurons.safetensors")["vocab.order"].long()
+    assert sorted(order.tolist()) == list(range(len(order)))
+    off = _offloaded(flash, 40)
+    slot = off.cache.allocate()
+    off.forward([Row(slot, [5, 17, 40])])
+    full, small = SparseDraftBackend(off, 2, 128), SparseDraftBackend(off, 2, 128, vocab=100)
+    a, b = (d.forward([Row(d.cache.allocate(), [5, 17, 40])], last_only=True).logits[0] for d in (full, small))
+    kept = order[:100]
+    assert torch.isfinite(a).all()
+    assert torch.allclose(a[kept], b[kept], atol=1e-5)
+    assert torch.isinf(b[order[100:]]).all() and b[order[100:]].max() < 0
+
+
+def test_the_predictor_script_trains_per_layer_predictors_and_reports_the_fidelity_curve(tiny_models, flash):
+    from tools.train_predictors import main as train_predictors
+
+    report = train_predictors([str(tiny_models["target"]), str(flash), "--tokens", "512", "--eval-tokens", "256",
+                               "--rank", "8", "--steps", "100", "--density", "0.3", "--curve", "0.1", "0.7"])
+    weights = load_file(flash / "predictors.safetensors")
+    layout = BundleLayout.load(flash)
+    assert weights["layer.0.a"].shape == (layout.hidden, 8)
+    assert weights["layer.1.b"].shape == (8 + 1, layout.intermediate)  # the last row is the bias
+    assert report["mean_recall"] > 0.3  # better than a random 30% of neurons
+    low, high = report["curve"]
+    assert high["oracle_magnitude"] > low["oracle_magnitude"]  # more neurons, closer to the dense model
+    assert 0 <= low["hot_set"] <= 1 and 0 <= high["predictor"] <= 1

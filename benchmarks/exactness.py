@@ -26,7 +26,7 @@ def teacher_forced_check(model, prompt_ids: list[int], output_ids: list[int]) ->
     """{positions, near_ties, mismatches}: mismatches are argmax disagreements outside near-ties."""
     dtype = next(model.parameters()).dtype
     if not output_ids:
-        return {"positions": 0, "near_ties": 0, "mismatches": 0}
+        return {"positions": 0, "near_ties": 0, "mismatches": 0, "mismatch_gaps": []}
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids + output_ids[:-1]], device=next(model.parameters()).device)
         logits = model(ids).logits[0, len(prompt_ids) - 1:].float()
@@ -34,13 +34,17 @@ def teacher_forced_check(model, prompt_ids: list[int], output_ids: list[int]) ->
     gap = (top2.values[:, 0] - top2.values[:, 1]).cpu()
     emitted = torch.tensor(output_ids)
     agree = top2.indices[:, 0].cpu() == emitted
-    tie = gap < near_tie_tolerance(top2.values[:, 0].cpu(), dtype)
-    return {"positions": len(output_ids), "near_ties": int(tie.sum()), "mismatches": int((~agree & ~tie).sum())}
+    tolerance = near_tie_tolerance(top2.values[:, 0].cpu(), dtype)
+    tie = gap < tolerance
+    miss = ~agree & ~tie
+    return {"positions": len(output_ids), "near_ties": int(tie.sum()), "mismatches": int(miss.sum()),
+            # how far outside the tolerance each mismatch was, in units of it (1.0: just outside)
+            "mismatch_gaps": [round(float(g), 3) for g in (gap[miss] / tolerance[miss]).tolist()]}
 
 
 def check_outputs(model, prompt_ids: list[list[int]], outputs: list[list[int]]) -> dict:
     """teacher_forced_check summed over many outputs, plus near_tie_rate and exact (no mismatch)."""
-    totals = {"positions": 0, "near_ties": 0, "mismatches": 0}
+    totals = {"positions": 0, "near_ties": 0, "mismatches": 0, "mismatch_gaps": []}
     for ids, out in zip(prompt_ids, outputs):
         for key, value in teacher_forced_check(model, ids, out).items():
             totals[key] += value

@@ -83,17 +83,19 @@ def run_mode(args) -> dict:
     k = 0
     drafter = DrafterConfig("ngram")
     if mode == "offload_spec":
-        k, drafter = args.k, DrafterConfig("sparse", {"sparse": SparseConfig()})
+        k, drafter = args.k, DrafterConfig("sparse", {"sparse": SparseConfig(confidence_threshold=args.confidence)})
     elif mode == "offload_small_draft":
         small = bf16_copy(Path(args.small_draft))
         draft_gb = sum(f.stat().st_size for f in small.glob("*.safetensors")) / 1e9
-        k, drafter = args.k, DrafterConfig("model", {"model": ModelDrafterConfig(str(small), dtype="bfloat16")})
+        k, drafter = args.k, DrafterConfig("model", {"model": ModelDrafterConfig(str(small), dtype="bfloat16",
+                                                                                  confidence_threshold=args.confidence)})
     if mode == "dense":
         target = ModelConfig(args.source, dtype="bfloat16")
     else:
         target = ModelConfig(str(bundle), dtype="bfloat16", backend="offload", memory_budget_gb=budget - draft_gb)
-    config = EngineConfig(target=target, drafter=drafter, speculation=SpeculationConfig(k=k, k_max=max(k, 1),
-                                                                                        adaptive=False))
+    adaptive = args.adaptive and k > 0  # the cost model chooses each pass's draft length, up to k_max
+    config = EngineConfig(target=target, drafter=drafter, speculation=SpeculationConfig(
+        k=k, k_max=max(args.k_max if adaptive else k, 1), adaptive=adaptive))
     config.limits.max_batch_size = 1
     config.limits.max_model_len = 1024
     start = time.perf_counter()
@@ -106,6 +108,7 @@ def run_mode(args) -> dict:
     read0 = getattr(getattr(backend, "reader", None), "bytes_read", 0)
     outputs, passes, accepted, drafted = [], 0, 0, 0
     params = SamplingParams(max_tokens=args.max_tokens)
+    t0 = {k: getattr(engine.timings, k) for k in ("prefill_s", "draft_s", "verify_s")}
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         out = engine.generate([prompt], params)[0]
@@ -122,6 +125,8 @@ def run_mode(args) -> dict:
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
            "k": k, "verify_passes": passes, "drafted": drafted, "accepted": accepted,
            "tokens_per_pass": round(tokens / max(passes, 1), 2), "accepted_per_pass": round(accepted / max(passes, 1), 2),
+           "acceptance": round(accepted / max(drafted, 1), 3),
+           **{k.replace("_s", "_share"): round((getattr(engine.timings, k) - v) / seconds, 3) for k, v in t0.items()},
            "outputs": outputs}
     if mode != "dense":
         lay = BundleLayout.load(bundle)
@@ -184,6 +189,7 @@ def spawn(args, mode: str, extra: list[str] | None = None) -> dict:
            "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
            "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
            "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
+           "--confidence", str(args.confidence), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else []),
            *(extra or [])]
     log(f"{mode}: starting")
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -201,9 +207,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--slow-prompts", type=int, default=2, help="prompts the modes without speculation time")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--k", type=int, default=12, help="draft tokens per pass")
+    parser.add_argument("--k", type=int, default=12, help="draft tokens per pass at most")
+    parser.add_argument("--adaptive", action="store_true", help="the cost model chooses K (up to --k-max)")
+    parser.add_argument("--k-max", type=int, default=16)
+    parser.add_argument("--confidence", type=float, default=0.0,
+                        help="a draft stops after a token it gives less than this (exact either way)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save-outputs", help="write every mode's token ids here (JSON)")
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--check-from", help=argparse.SUPPRESS)
@@ -225,9 +236,12 @@ def main(argv=None) -> dict:
         json.dump(rows, f)
     checks = _check(args, f.name)
     os.unlink(f.name)
+    if args.save_outputs:
+        Path(args.save_outputs).write_text(json.dumps(rows))
     by = {r["mode"]: r for r in rows}
     for r in rows:
-        r |= {k: checks[r["mode"]][k] for k in ("positions", "near_ties", "mismatches", "identical_to_dense")}
+        r |= {k: checks[r["mode"]][k] for k in ("positions", "near_ties", "mismatches", "mismatch_gaps",
+                                                 "identical_to_dense")}
         r.pop("outputs")
     naive = by.get("naive", {}).get("tokens_per_s")
     spec = by.get("offload_spec", {})
@@ -241,6 +255,7 @@ def main(argv=None) -> dict:
         "tokens_per_s_offload_spec": spec.get("tokens_per_s"),
         "tokens_per_s_offload_small_draft": by.get("offload_small_draft", {}).get("tokens_per_s"),
         "exact": all(checks[m]["mismatches"] == 0 for m in checks),
+        "k": args.k, "adaptive": args.adaptive, "confidence_threshold": args.confidence,
         "rows": rows,
     }
     for key in ("offload", "offload_spec", "offload_small_draft"):
@@ -248,7 +263,7 @@ def main(argv=None) -> dict:
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
     from benchmarks.cluster_load import emit
 
-    cols = ["mode", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass",
+    cols = ["mode", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass", "acceptance", "draft_share",
                              "bytes_read_per_token", "read_gb_per_s", "io_wait_share", "held_gb", "budget_gb",
                              "peak_rss_gb", "cached_neurons", "near_ties", "mismatches", "identical_to_dense"]
     if not args.json:

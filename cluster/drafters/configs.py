@@ -109,10 +109,13 @@ class SparseConfig:
     verification): resident attention and embeddings, the FFN over the neurons cached in DRAM only."""
 
     vocab: int = 32768  # draft over this many most frequent tokens (a frequency-ordered head, FR-Spec); 0: all
+    confidence_threshold: float = 0.0  # stop a draft after a token the draft gives less than this
 
     def validate(self, key: str, check_paths: bool = True) -> None:
         if self.vocab < 0:
             raise ConfigError(f"{key}.vocab: must be >= 0")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
 
 
 @dataclass

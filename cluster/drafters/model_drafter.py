@@ -111,5 +111,6 @@ def build_sparse(section, context) -> ModelDrafter:
     if target is None:
         raise ValueError("drafter.sparse: needs the target in the same process with `backend: offload` "
                          "(it drafts from that backend's hot-neuron cache)")
-    return ModelDrafter(SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab), 0.0, context.eos_ids,
+    return ModelDrafter(SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab),
+                        section.confidence_threshold, context.eos_ids,
                         context.rule)

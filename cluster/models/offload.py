@@ -31,6 +31,9 @@ from cluster.models.lean import LeanBackend, _linear
 log = logging.getLogger(__name__)
 
 
+WINDOW_DECAY = 0.9  # a sparse draft's cache: a neuron's score keeps 0.9 of itself per pass (~10 passes)
+
+
 class NeuronCache:
     """Per layer: `ids` (bundle row ids held, one per cache slot), `rows` [capacity, 3, H] their weights,
     and `score` [I] the ranking that decides membership."""
@@ -94,7 +97,7 @@ class OffloadedBackend(LeanBackend):
 
     def __init__(self, model: torch.nn.Module, num_slots: int, capacity: int, bundle: Path,
                  memory_budget_gb: float, prefetch: bool = True, direct: bool | None = None,
-                 cache_neurons: int | None = None, window_decay: float = 0.9):
+                 cache_neurons: int | None = None, window_decay: float = 1.0):
         """cache_neurons: cache rows per layer (default: whatever the budget leaves); 0 with prefetch off
         is naive streaming, every layer's FFN read for every pass before it computes. window_decay: how much of
         a neuron's score survives a pass (1.0 keeps the calibration ranking: a fixed hot set)."""
@@ -226,6 +229,8 @@ class SparseDraftBackend(LeanBackend):
         super().__init__(target.model, num_slots, capacity)
         self.device = target.device
         self.neurons = target.neurons
+        if self.neurons.decay == 1.0:
+            self.neurons.decay = WINDOW_DECAY
         self._embed = target._embed  # the same rows, resident or read on demand
         self.order = target.vocab_order
         self.vocab = vocab if self.order is not None and 0 < vocab < len(self.order) else 0

@@ -87,7 +87,7 @@ def test_bf16_speculative_greedy_is_the_targets_argmax_outside_near_ties(make_en
     outputs = engine.generate(prompts, SamplingParams(max_tokens=32))
     reference = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True,
                                                      dtype=torch.bfloat16).eval()
-    totals = {"positions": 0, "near_ties": 0, "mismatches": 0}
+    totals = {"positions": 0, "near_ties": 0, "mismatches": 0, "mismatch_gaps": []}
     for prompt, out in zip(prompts, outputs):
         for key, value in teacher_forced_check(reference, engine.tokenizer.encode(prompt), out.token_ids).items():
             totals[key] += value

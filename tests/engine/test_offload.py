@@ -5,7 +5,7 @@ reads bypass the page cache, and speculation with its own sparse hot-neuron draf
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.config import DrafterConfig, EngineConfig, ModelConfig, SpeculationConfig
 from cluster.drafters.configs import SparseConfig
@@ -61,7 +61,7 @@ def test_the_bundle_holds_the_models_ffn_row_by_row(tiny_models, flash):
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback(tiny_models, flash, prefetch):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
-    lean, off = LeanBackend(model, 4, 128), _offloaded(flash, 40, prefetch=prefetch)
+    lean, off = LeanBackend(model, 4, 128), _offloaded(flash, 40, prefetch=prefetch, window_decay=0.9)
     assert 0 < off.neurons.capacity < off.layout.intermediate
     for b in (lean, off):
         b.slots = [b.cache.allocate() for _ in range(3)]
@@ -85,7 +85,7 @@ def test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback(
 
 def test_the_budget_bounds_what_is_held_and_reads_skip_the_cache_and_the_page_cache(flash):
     drop_from_page_cache(flash / "ffn.bin")  # another test read the file through the page cache
-    off = _offloaded(flash, 40, window_decay=1.0)  # a fixed hot set: the first 40 rows of each layer
+    off = _offloaded(flash, 40)  # no draft: a fixed hot set, the first 40 rows of each layer
     assert off.held_bytes <= off.budget_bytes
     assert off.neurons.capacity == 40
     skeleton = load_skeleton(flash, torch.float32)
@@ -222,3 +222,31 @@ def test_the_predictor_script_trains_per_layer_predictors_and_reports_the_fideli
     low, high = report["curve"]
     assert high["oracle_magnitude"] > low["oracle_magnitude"]  # more neurons, closer to the dense model
     assert 0 <= low["hot_set"] <= 1 and 0 <= high["predictor"] <= 1
+
+
+def test_a_tied_model_keeps_its_embedding_resident_and_its_head_in_order(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_models["target"]).save_pretrained(tmp_path / "tied")
+    bundle(tmp_path / "tied", tmp_path / "flash", "float32", calibration_tokens=256)
+    assert not (tmp_path / "flash" / "embed.bin").exists()
+    assert "vocab.order" not in load_file(tmp_path / "flash" / "neurons.safetensors")
+    tied = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", local_files_only=True).eval()
+    lean, off = LeanBackend(tied, 2, 64), _offloaded(tmp_path / "flash", 16)
+    assert off.embed_rows is None and off.vocab_order is None
+    a, b = (x.forward([Row(x.cache.allocate(), [5, 17, 40, 3])]).logits for x in (lean, off))
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_a_sparse_draft_turns_the_window_on_and_without_one_the_hot_set_stays(flash):
+    off = _offloaded(flash, 40)
+    slot = off.cache.allocate()
+    for n in range(3):
+        off.forward([Row(slot, [5 + n, 17, 40])])
+    assert off.neurons.swaps == 0 and off.neurons.ids[0].tolist() == list(range(40))
+    SparseDraftBackend(off, 2, 128)
+    for n in range(3):
+        off.forward([Row(slot, [9 + n, 2, 3])])
+    assert off.neurons.swaps > 0  # recent tokens' neurons replace calibration's

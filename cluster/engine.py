@@ -395,3 +395,5 @@ class SpecEngine(Engine):
         sequential = self.drafter is not None and DRAFTERS[config.drafter.kind].model_based
         super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
                          target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)
+        if hasattr(target.backend, "reader"):  # an offloaded target: what it reads is part of the story
+            self.metrics.watch_storage(target.backend)

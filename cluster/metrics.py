@@ -51,6 +51,18 @@ class EngineMetrics:
                                     ["protocol", "route", "status"], registry=r)
         self.drafting.set(1 if drafter != "none" else 0)
 
+    def watch_storage(self, backend) -> None:
+        """An offloaded target in this process: its reads from storage, read at scrape time."""
+        r = self.registry
+        Gauge("specdec_offload_read_bytes", "Bytes the offloaded target read from storage, cumulative",
+              registry=r).set_function(lambda: backend.reader.bytes_read + getattr(backend.embed_rows, "bytes_read", 0))
+        Gauge("specdec_offload_io_wait_seconds", "Seconds the offloaded target's compute waited on storage, cumulative",
+              registry=r).set_function(lambda: backend.io_wait_s)
+        Gauge("specdec_offload_passes", "Weight passes of the offloaded target (each streams its FFN once)",
+              registry=r).set_function(lambda: backend.passes)
+        Gauge("specdec_offload_dram_bytes", "Weight bytes the offloaded target holds in DRAM (its budget bounds this)",
+              registry=r).set_function(lambda: backend.held_bytes)
+
     def observe_verify(self, drafted: int, accepted: int) -> None:
         d, a, v = (m.labels(self.drafter) for m in (self.drafted, self.accepted, self.verifies))
         d.inc(drafted)

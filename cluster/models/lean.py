@@ -28,6 +28,8 @@ def supports(model) -> str | None:
         return f"activation {cfg.hidden_act!r}"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
         return "sliding-window attention"
+    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False) and "Llama" in name:
+        return "biases on the output or FFN projections"  # the lean forward adds q/k/v biases only (Qwen2's)
     return None
 
 
@@ -229,13 +231,17 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     Over SmolLM2's layers in bf16: 12 ms with mv (N = 1) and 13-15 ms with mm(w, x^T) (N = 2..12), against
     18 ms; in fp32 mv ties F.linear and mm(w, x^T) loses, so fp32 keeps F.linear past one token."""
     n = x.shape[0]
+    # The bias goes inside the product (addmv / addmm: one rounding, as F.linear does). Added after, in
+    # bf16, Qwen2's large q/k biases rounded the keys: one verify pass of 2-12 tokens then changed the
+    # argmax at a position with a 1.3-logit margin (benchmarks/offload.py, measured).
     if n == 1:
-        y = torch.mv(w, x[0]).unsqueeze(0)
-    elif n <= SMALL_BATCH and x.dtype != torch.float32:
-        y = torch.mm(w, x.t().contiguous()).t().contiguous()
-    else:
-        return F.linear(x, w, b)
-    return y if b is None else y + b
+        y = torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])
+        return y.unsqueeze(0)
+    if n <= SMALL_BATCH and x.dtype != torch.float32:
+        xt = x.t().contiguous()
+        y = torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)
+        return y.t().contiguous()
+    return F.linear(x, w, b)
 
 
 def _padded(x: torch.Tensor, index: torch.Tensor | None, b: int, width: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ paged memory that follows lengths, and exact speculative decoding through it."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from cluster.models.backend import HFBackend, Row
@@ -114,3 +115,21 @@ def test_the_weight_major_products_equal_linear(dtype):
             got, want = _linear(x, w, b), torch.nn.functional.linear(x, w, b)
             assert got.shape == want.shape and got.is_contiguous()
             assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (n, dtype)
+
+
+@pytest.mark.parametrize("n", [1, 4, 12, 13])
+def test_small_batch_products_round_a_large_bias_once(n):
+    """Qwen2 puts large biases on k (to 354 in Qwen2.5-Coder-1.5B's first layer, where a bf16 step is 2).
+    Added after a bf16 product, the bias rounded each key a second time, so a verify pass of 2-12 tokens
+    wrote other keys than decode or a long pass did, and on the 1.5B model that flipped an argmax with a
+    1.3-logit margin (benchmarks/offload.py). Every path must round product + bias once, as F.linear does."""
+    from cluster.models.lean import _linear
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 1536, generator=gen) * 0.02).bfloat16()
+    b = (torch.randn(256, generator=gen) * 5).bfloat16()  # biases as large as the products, and larger
+    x = torch.randn(n, 1536, generator=gen).bfloat16()
+    once = F.linear(x.float(), w.float(), b.float()).bfloat16()  # the exact sum, rounded once
+    got = _linear(x, w, b)
+    assert got.shape == (n, 256)
+    assert (got != once).float().mean() < 0.01  # rounding twice disagreed at 13% of elements here

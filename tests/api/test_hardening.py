@@ -189,10 +189,14 @@ def test_tokenising_and_detokenising_run_outside_the_step_thread(server):
     original_builder_tok, original_tok = engine.requests.tokenizer, engine.tokenizer
     engine.requests.tokenizer = engine.tokenizer = recording
     try:
+        started = engine.timings.steps
         long_stream = threading.Thread(target=lambda: server.post(COMPLETIONS, {
             "prompt": PROMPT, "max_tokens": 60, "stop": ["never-there", "\n\n\n\n"]}))
         long_stream.start()
-        time.sleep(0.2)
+        deadline = time.time() + 10
+        while engine.timings.steps == started:  # the stream is decoding (a fixed wait raced fast machines)
+            assert time.time() < deadline, "the long stream never started"
+            time.sleep(0.001)
         status, _ = server.post(COMPLETIONS, {"prompt": "SLOW-PROMPT " + PROMPT, "max_tokens": 4})
         long_stream.join()
     finally:

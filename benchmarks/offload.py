@@ -182,20 +182,24 @@ def check(args, rows: list[dict]) -> dict:
     return out
 
 
-def spawn(args, mode: str, extra: list[str] | None = None) -> dict:
+def child(label: str, flags: list[str]) -> dict:
+    """Run this script with `flags` in a fresh process (its own peak RSS) and return the JSON it writes."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
-    cmd = [sys.executable, "-m", "benchmarks.offload", "--run-mode", mode, "--out", path,
-           "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
-           "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
-           "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
-           "--confidence", str(args.confidence), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else []),
-           *(extra or [])]
-    log(f"{mode}: starting")
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    log(f"{label}: starting")
+    subprocess.run([sys.executable, "-m", "benchmarks.offload", *flags, "--out", path], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads(Path(path).read_text())
     os.unlink(path)
     return result
+
+
+def spawn(args, mode: str) -> dict:
+    return child(mode, [
+        "--run-mode", mode, "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
+        "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
+        "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
+        "--confidence", str(args.confidence), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else [])])
 
 
 def main(argv=None) -> dict:
@@ -234,7 +238,7 @@ def main(argv=None) -> dict:
     rows = [spawn(args, mode) for mode in ("dense", *args.modes)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(rows, f)
-    checks = _check(args, f.name)
+    checks = child("check: teacher-forced against the dense model", ["--check-from", f.name, "--source", args.source])
     os.unlink(f.name)
     if args.save_outputs:
         Path(args.save_outputs).write_text(json.dumps(rows))
@@ -269,17 +273,6 @@ def main(argv=None) -> dict:
     if not args.json:
         result = {**result, "rows": [{c: r.get(c, "-") for c in cols} for r in rows]}
     emit(result, args.json, cols)
-    return result
-
-
-def _check(args, rows_path: str) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    log("check: teacher-forced against the dense model")
-    subprocess.run([sys.executable, "-m", "benchmarks.offload", "--check-from", rows_path, "--out", out,
-                    "--source", args.source], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    result = json.loads(Path(out).read_text())
-    os.unlink(out)
     return result
 
 

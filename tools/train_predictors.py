@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -29,16 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-
-def text_ids(tokenizer, tokens: int, skip: int) -> torch.Tensor:
-    """Standard-library sources, after the first `skip` tokens' worth (the bundle ranked neurons on those)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    ids: list[int] = []
-    for path in sorted(root.glob("*.py")):
-        ids.extend(tokenizer(path.read_text(errors="replace"))["input_ids"])
-        if len(ids) >= skip + tokens:
-            break
-    return torch.tensor(ids[skip:skip + tokens])
+from tools.bundle_ffn import calibration_text
 
 
 @torch.inference_mode()
@@ -149,7 +139,8 @@ def main(argv=None) -> dict:
                                                  local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.source, local_files_only=True)
     skip = json.loads((args.bundle / "bundle.json").read_text()).get("calibration_tokens", 4096)
-    ids = text_ids(tokenizer, args.tokens + args.eval_tokens, skip)
+    # the same stdlib text the bundle ranked neurons on, after its first `skip` tokens: held out from it
+    ids = calibration_text(skip + args.tokens + args.eval_tokens, tokenizer)[skip:]
     train_ids, eval_ids = ids[: args.tokens], ids[args.tokens:]
     xs, acts = collect(model, train_ids)
     ex, eacts = collect(model, eval_ids)

@@ -112,5 +112,4 @@ def build_sparse(section, context) -> ModelDrafter:
         raise ValueError("drafter.sparse: needs the target in the same process with `backend: offload` "
                          "(it drafts from that backend's hot-neuron cache)")
     return ModelDrafter(SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab),
-                        section.confidence_threshold, context.eos_ids,
-                        context.rule)
+                        section.confidence_threshold, context.eos_ids, context.rule)

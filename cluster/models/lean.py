@@ -28,7 +28,7 @@ def supports(model) -> str | None:
         return f"activation {cfg.hidden_act!r}"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
         return "sliding-window attention"
-    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False) and "Llama" in name:
+    if getattr(cfg, "mlp_bias", False) or (getattr(cfg, "attention_bias", False) and "Llama" in name):
         return "biases on the output or FFN projections"  # the lean forward adds q/k/v biases only (Qwen2's)
     return None
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.core.cost_model import CostCurve
+from cluster.models.backend import Row
 from cluster.models.flash_store import BundleLayout, EmbeddingRows, FlashReader, aligned_buffer, runs
 from cluster.models.lean import LeanBackend, _linear
 
@@ -38,7 +39,7 @@ class NeuronCache:
     """Per layer: `ids` (bundle row ids held, one per cache slot), `rows` [capacity, 3, H] their weights,
     and `score` [I] the ranking that decides membership."""
 
-    def __init__(self, layout: BundleLayout, capacity: int, hotness: list[torch.Tensor], decay: float = 0.9):
+    def __init__(self, layout: BundleLayout, capacity: int, hotness: list[torch.Tensor], decay: float = 1.0):
         self.layout, self.capacity, self.decay = layout, capacity, decay
         dtype, h, inter = layout.torch_dtype, layout.hidden, layout.intermediate
         self.rows = [torch.empty(capacity, 3, h, dtype=dtype) for _ in range(layout.layers)]
@@ -66,17 +67,18 @@ class NeuronCache:
         if self.filled[layer] and self.capacity:
             full.index_copy_(0, self.ids[layer], self.rows[layer])
 
-    def observe(self, layer: int, activity: torch.Tensor, full: torch.Tensor) -> None:
-        """After a dense pass over `full` (the whole layer, [I, 3, H]): fold this pass's mean |activation|
-        per neuron into the window score, and swap in the neurons that now rank in the top `capacity`."""
+    def observe(self, layer: int, act: torch.Tensor, full: torch.Tensor) -> None:
+        """After a dense pass over `full` (the whole layer, [I, 3, H]) whose activations were `act` [N, I]:
+        fold the pass's mean |activation| per neuron into the window score, and swap in the neurons that
+        now rank in the top `capacity`."""
         if not self.capacity:
             return
-        score = self.score[layer].mul_(self.decay).add_(activity.float(), alpha=1 - self.decay)
         if not self.filled[layer]:
             self.rows[layer].copy_(full.index_select(0, self.ids[layer]))
             self.filled[layer] = True
-        if self.decay == 1.0:  # a fixed hot set
+        if self.decay == 1.0:  # a fixed hot set: nothing to score
             return
+        score = self.score[layer].mul_(self.decay).add_(act.abs().mean(0).float(), alpha=1 - self.decay)
         top = torch.topk(score, self.capacity, sorted=False).indices
         want = torch.zeros_like(self.cached[layer])
         want[top] = True
@@ -190,9 +192,8 @@ class OffloadedBackend(LeanBackend):
 
     def _ffn(self, li, h, gate_up, down, g):
         full = self._layer(li)
-        act = F.silu(F.linear(h, full[:, 0])) * F.linear(h, full[:, 1])  # [N, I]
-        out = act @ full[:, 2]
-        self.neurons.observe(li, act.abs().mean(0), full)
+        out, act = bundled_swiglu(h, full)
+        self.neurons.observe(li, act, full)
         if li == self.layout.layers - 1:
             self.passes += 1
         return out
@@ -205,7 +206,7 @@ class OffloadedBackend(LeanBackend):
             for tokens in (1, 1, 4, 8, 16):
                 self._stale_context(slot, 64)
                 start = time.perf_counter()
-                self.forward([_row(slot, tokens)])
+                self.forward([Row(slot, [0] * tokens)])
                 samples.append((1, tokens, 64 + tokens, time.perf_counter() - start))
         finally:
             self.cache.free(slot)
@@ -247,8 +248,14 @@ class SparseDraftBackend(LeanBackend):
         rows = self.neurons.rows[li]
         if not self.neurons.filled[li] or len(rows) == 0:
             return torch.zeros_like(h)  # nothing cached yet: the layer's FFN contributes nothing to the draft
-        act = F.silu(F.linear(h, rows[:, 0])) * F.linear(h, rows[:, 1])
-        return act @ rows[:, 2]
+        return bundled_swiglu(h, rows)[0]
+
+
+def bundled_swiglu(h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU over bundled neuron rows [n, 3, H] (gate row, up row, down column): (output [N, H], the
+    activations [N, n])."""
+    act = F.silu(F.linear(h, rows[:, 0])) * F.linear(h, rows[:, 1])
+    return act @ rows[:, 2], act
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -277,8 +284,9 @@ def load_skeleton(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     if unexpected:
         raise ValueError(f"{path}/resident.safetensors: tensors the model does not have: {unexpected[:4]}")
     streamed = (".mlp.", "lm_head") + (("embed_tokens",) if (path / "embed.bin").is_file() else ())
-    if any(not any(s in k for s in streamed) for k in missing):
-        raise ValueError(f"{path}/resident.safetensors: missing {[k for k in missing if '.mlp.' not in k][:4]}")
+    unexplained = [k for k in missing if not any(s in k for s in streamed)]
+    if unexplained:
+        raise ValueError(f"{path}/resident.safetensors: missing {unexplained[:4]}")
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     elif model.lm_head.weight.device.type == "meta":
@@ -290,9 +298,3 @@ def load_skeleton(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     if left:
         raise ValueError(f"{path}: tensors neither resident nor streamed: {left[:4]}")
     return model.eval()
-
-
-def _row(slot: int, tokens: int):
-    from cluster.models.backend import Row
-
-    return Row(slot, [0] * tokens)

@@ -185,15 +185,20 @@ def test_cancelling_a_waiting_request_removes_it(make_engine):
 
 
 def test_overload_is_resource_exhausted(make_engine):
-    driver, server, channel = _serve(make_engine("ngram", k=2, max_batch_size=1, max_waiting=1, max_tokens=400))
+    # a slow drafter keeps the running stream going for seconds: with 1 ms tiny-model steps it finished
+    # before the third request arrived on a fast CI machine, and the queue had room again
+    base = make_engine("ngram", k=2, max_batch_size=1, max_waiting=1, max_tokens=400, max_model_len=512)
+    engine = SpecEngine(base.config, tokenizer=base.tokenizer, target=base.target, drafter=SlowDrafter(0.02))
+    driver, server, channel = _serve(engine)
     try:
         stub = pb_grpc.GenerationStub(channel)
-        running = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=400))
+        running = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=300, min_tokens=300))
         next(running)  # holds the only cache slot
-        waiting = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=400))
-        deadline = time.time() + 5
+        waiting = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=300))
+        deadline = time.time() + 10
         while not driver.call(lambda e: len(e.waiting)) and time.time() < deadline:
             time.sleep(0.02)
+        assert driver.call(lambda e: (len(e.running), len(e.waiting))) == (1, 1)
         with pytest.raises(grpc.RpcError) as err:
             stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=5))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

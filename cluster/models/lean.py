@@ -231,17 +231,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     Over SmolLM2's layers in bf16: 12 ms with mv (N = 1) and 13-15 ms with mm(w, x^T) (N = 2..12), against
     18 ms; in fp32 mv ties F.linear and mm(w, x^T) loses, so fp32 keeps F.linear past one token."""
     n = x.shape[0]
-    # The bias goes inside the product (addmv / addmm: one rounding, as F.linear does). Added after, in
-    # bf16, Qwen2's large q/k biases rounded the keys: one verify pass of 2-12 tokens then changed the
-    # argmax at a position with a 1.3-logit margin (benchmarks/offload.py, measured).
+    # A bias goes inside the product, rounded once. Added after, in bf16, Qwen2's large q/k biases
+    # rounded the keys twice: a verify pass of 2-12 tokens then changed an argmax with a 1.3-logit margin
+    # (benchmarks/offload.py, measured). F.linear fuses it and, at Qwen2's shapes (1536 in, 256-1536
+    # out, 2 threads), beats addmv / addmm (98 vs 132 us at 1 token, 94 vs 155 at 4; the bf16 addmv and
+    # addmm kernels are the slow ones), so biased products take it at every size.
+    if b is not None:
+        return F.linear(x, w, b)
     if n == 1:
-        y = torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])
-        return y.unsqueeze(0)
+        return torch.mv(w, x[0]).unsqueeze(0)
     if n <= SMALL_BATCH and x.dtype != torch.float32:
-        xt = x.t().contiguous()
-        y = torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)
-        return y.t().contiguous()
-    return F.linear(x, w, b)
+        return torch.mm(w, x.t().contiguous()).t().contiguous()
+    return F.linear(x, w)
 
 
 def _padded(x: torch.Tensor, index: torch.Tensor | None, b: int, width: int) -> torch.Tensor:

@@ -30,6 +30,22 @@ def flash(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def flash3(tiny_models, tmp_path_factory):
+    """A 3-layer model, bundled: with two staging buffers, each layer's buffer then last held another
+    layer, so a pass that did not copy its cached rows in would compute over the wrong weights (the
+    2-layer target keeps one buffer per layer, which hides that)."""
+    from tools.make_tiny_models import make_llama
+
+    base = AutoTokenizer.from_pretrained(tiny_models["target"], local_files_only=True)
+    source = tmp_path_factory.mktemp("three") / "model"
+    make_llama(len(base), hidden=64, layers=3, seed=5, eos=base.eos_token_id).save_pretrained(source)
+    base.save_pretrained(source)
+    out = source.parent / "flash"
+    bundle(source, out, "float32", calibration_tokens=256)
+    return source, out
+
+
 def _budget_gb(skeleton, layout: BundleLayout, neurons: int) -> float:
     """The budget that leaves room for `neurons` cached rows per layer."""
     return (resident_bytes(skeleton) + 2 * layout.layer_bytes + neurons * layout.layers * layout.row_bytes) / 1e9
@@ -58,12 +74,15 @@ def test_the_bundle_holds_the_models_ffn_row_by_row(tiny_models, flash):
         assert torch.all(hot[:-1] >= hot[1:]) and hot[0] > 0  # hottest first, from real activations
 
 
-@pytest.mark.parametrize("prefetch,decay", [(True, 0.9), (False, 0.9), (True, 1.0)],
-                         ids=["window", "window-no-read-ahead", "fixed-hot-set"])
-def test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback(tiny_models, flash, prefetch, decay):
+@pytest.mark.parametrize("prefetch,decay,layers", [(True, 0.9, 2), (False, 0.9, 2), (True, 1.0, 2), (True, 0.9, 3),
+                                                  (True, 1.0, 3)],
+                         ids=["window", "window-no-read-ahead", "fixed-hot-set", "window-3-layers", "fixed-3-layers"])
+def test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback(tiny_models, flash, flash3, prefetch,
+                                                                               decay, layers):
     """A scattered window cache makes reads go through most cached rows; a fixed hot set is skipped by the
     reads, so there the cached rows alone supply the head of each layer."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    source, flash = (tiny_models["target"], flash) if layers == 2 else flash3
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
     lean, off = LeanBackend(model, 4, 128), _offloaded(flash, 40, prefetch=prefetch, window_decay=decay)
     assert 0 < off.neurons.capacity < off.layout.intermediate
     for b in (lean, off):

@@ -131,7 +131,8 @@ class LimitsConfig:
 class PoolConfig:
     """A pool of Ray actors of one kind and where they may be placed."""
 
-    replicas: int = 1
+    replicas: int = 1  # actors at start (and the fewest a shared pool scales down to)
+    max_replicas: int = 0  # the most a shared pool scales up to; 0: replicas (no scaling)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     accelerator_type: str | None = None  # e.g. "L4" for drafts, "H100" for targets
@@ -145,6 +146,9 @@ class PoolConfig:
     def validate(self, key: str) -> None:
         if self.replicas < 1:
             raise ConfigError(f"{key}.replicas: must be >= 1")
+        if self.max_replicas and self.max_replicas < self.replicas:
+            raise ConfigError(f"{key}.max_replicas: must be >= replicas ({self.replicas}), or 0 for no scaling")
+        self.max_replicas = self.max_replicas or self.replicas  # resolved once: one meaning from here on
         if self.num_cpus < 0 or self.num_gpus < 0 or any(v < 0 for v in self.resources.values()):
             raise ConfigError(f"{key}: resource amounts must be >= 0")
         if any(not isinstance(c, int) or c < 0 for c in self.cpus):
@@ -152,6 +156,36 @@ class PoolConfig:
 
 
 PIPELINING = ("auto", "always", "off")
+
+
+@dataclass
+class SharedPoolsConfig:
+    """Draft and target pools as services shared by every router replica (cluster/pools/manager.py),
+    each scaled apart between its pool's replicas and max_replicas. Off: each router owns its pools."""
+
+    enabled: bool = False
+    name: str = "specdec-pools"  # the manager's Ray actor name: replicas with one name share pools
+    namespace: str = "specdec"
+    scale_interval_s: float = 5.0  # one scaling decision per window
+    draft_grow_at: float = 0.3  # the draft pool grows when steps spend more than this share waiting on drafts
+    target_grow_at: float = 0.9  # the target pool grows when requests queue and its workers are this busy
+    shrink_below: float = 0.1  # a pool shrinks when its workers are busy less than this share
+    router_timeout_s: float = 10.0  # a router silent this long is dead: its leases and sequences are freed
+    idle_exit_s: float = 600.0  # the manager frees its actors and exits after this long without routers; 0: never
+
+    def validate(self, key: str) -> None:
+        for name in ("scale_interval_s", "router_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be > 0")
+        for name in ("draft_grow_at", "target_grow_at", "shrink_below"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{key}.{name}: a share in [0, 1]")
+        if self.shrink_below >= min(self.draft_grow_at, self.target_grow_at):
+            raise ConfigError(f"{key}.shrink_below: must be below the grow thresholds (or pools flap)")
+        if self.idle_exit_s < 0:
+            raise ConfigError(f"{key}.idle_exit_s: must be >= 0")
+        if not self.name:
+            raise ConfigError(f"{key}.name: must not be empty")
 
 
 @dataclass
@@ -163,10 +197,16 @@ class ClusterConfig:
     pipelining: str = "auto"
     draft_timeout_s: float = 30.0  # a draft later than this is dropped: that step runs without drafts
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: off
+    shared_pools: SharedPoolsConfig = field(default_factory=SharedPoolsConfig)
 
     def validate(self, key: str) -> None:
         self.target_pool.validate(f"{key}.target_pool")
         self.draft_pool.validate(f"{key}.draft_pool")
+        self.shared_pools.validate(f"{key}.shared_pools")
+        for name in ("target_pool", "draft_pool"):
+            pool = getattr(self, name)
+            if pool.max_replicas > pool.replicas and not self.shared_pools.enabled:
+                raise ConfigError(f"{key}.{name}.max_replicas: only shared pools scale (set {key}.shared_pools.enabled)")
         if self.draft_timeout_s <= 0:
             raise ConfigError(f"{key}.draft_timeout_s: must be > 0")
         if self.pipelining not in PIPELINING:

@@ -177,7 +177,10 @@ class Engine:
     # --- the step ----------------------------------------------------------------------------------
     def step(self) -> list[TokenDelta]:
         start = time.perf_counter()
-        targets, drafters = self.executor.capacities()
+        demand = {"target": len(self.waiting), "draft": len(self.waiting) + sum(s.drafter is None for s in self.running)}
+        targets, drafters = self.executor.capacities(self.scheduler.load, demand)
+        for worker in self.scheduler.pinned() - targets.keys() - drafters.keys():
+            self.scheduler.worker_lost(worker)  # left the pool (scaled away, or replaced by another router)
         self.scheduler.targets = targets
         self.scheduler.drafters = drafters if self.drafting else {}
         plan = self.scheduler.schedule()

@@ -85,6 +85,7 @@ class RequestBuilder:
         self.tokenizer, self.limits = tokenizer, limits
         self.max_model_len, self.max_prompt_chars = max_model_len, max_prompt_chars
         self._lock = threading.Lock()  # HF fast tokenizers are not safe to encode from several threads
+        self.id_prefix = ""  # a router on shared pools names its requests "<router id>.<uuid>"
 
     def build(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         if not isinstance(params, SamplingParams):
@@ -92,7 +93,7 @@ class RequestBuilder:
         params = params.validate(self.limits)
         tokens = self.tokenize(prompt)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        return Sequence(request_id or uuid.uuid4().hex, params, seed, tokens, len(tokens))
+        return Sequence(request_id or self.id_prefix + uuid.uuid4().hex, params, seed, tokens, len(tokens))
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -8,9 +8,12 @@ from pathlib import Path
 from ray import serve
 
 from deployments import openai_api
+from deployments.autoscaling import POLICY
 from deployments.server import SpecDecServer
 
-DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+# Scaled on requests in flight on gRPC and HTTP together (Serve alone counts only HTTP and handles)
+DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
+                       "policy": {"policy_function": POLICY}}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,12 +28,13 @@ def resolve_config(path: str) -> str:
 
 def build_app(args: dict):
     """args: config (engine YAML path), grpc_port, grpc_host (default loopback), engine ("router" |
-    "local"), drain_timeout_s, autoscaling_config, ray_actor_options. Each replica is one router with its
-    own draft and target actor pools."""
+    "local"), drain_timeout_s, autoscaling_config (its policy defaults to deployments.autoscaling's), ray_actor_options.
+    Each replica is one router; its draft and target pools are its own, or shared by every replica
+    when the engine config sets cluster.shared_pools.enabled."""
     drain_timeout_s = float(args.get("drain_timeout_s", 30))
     deployment = serve.deployment(
         name="SpecDecServer",
-        autoscaling_config=args.get("autoscaling_config", DEFAULT_AUTOSCALING),
+        autoscaling_config={"policy": DEFAULT_AUTOSCALING["policy"]} | args.get("autoscaling_config", DEFAULT_AUTOSCALING),
         max_ongoing_requests=int(args.get("max_ongoing_requests", 64)),
         graceful_shutdown_timeout_s=float(args.get("graceful_shutdown_timeout_s", 60)),
         health_check_period_s=10,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -13,6 +14,15 @@ import grpc
 
 from specdec.v1 import generation_pb2 as pb
 from specdec.v1 import generation_pb2_grpc as pb_grpc
+
+
+# A replica that dies answers UNAVAILABLE; gRPC retries a call that has received nothing yet, and the
+# new connection lands on a live replica (a stream that already got tokens is not retried: the client
+# sees UNAVAILABLE and may resend with the reported seed).
+RETRY_POLICY = {"methodConfig": [{"name": [{"service": "specdec.v1.Generation"}], "retryPolicy": {
+    "maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"]}}]}
+RETRYING = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))]
 
 
 def main(argv=None) -> int:
@@ -24,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="replay a sampled request (the server reports its seed)")
     args = parser.parse_args(argv)
     metadata = [("authorization", f"Bearer {os.environ['SPECDEC_API_KEY']}")] if os.environ.get("SPECDEC_API_KEY") else []
-    with grpc.insecure_channel(args.target) as channel:
+    with grpc.insecure_channel(args.target, options=RETRYING) as channel:
         stub = pb_grpc.GenerationStub(channel)
         request = pb.GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                      include_stats=True, seed=args.seed)

@@ -10,6 +10,7 @@ from pathlib import Path
 from cluster.config import load_config
 from cluster.serving.driver import EngineDriver
 from deployments import openai_api
+from deployments.autoscaling import IN_FLIGHT
 from deployments.grpc_ingress import API_KEY_ENV, build_server
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class SpecDecServer:
         """Ray Serve calls this; a dead driver thread makes the replica unhealthy and replaced."""
         if not self.driver.alive:
             raise RuntimeError("engine driver thread died")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve polls this: requests in flight here on gRPC and HTTP together (deployments/autoscaling.py)."""
+        return {IN_FLIGHT: float(self.driver.in_flight)}
 
     def drain(self, timeout_s: float | None = None) -> int:
         """Stop taking requests (new ones get UNAVAILABLE / 503), let those in flight finish within the

@@ -54,6 +54,10 @@ class Scheduler:
         """Requests pinned to a worker, derived from the running list."""
         return sum(1 for s in self.running if s.target == worker or s.drafter == worker)
 
+    def pinned(self) -> set[str]:
+        """Workers some running request is pinned to."""
+        return {w for s in self.running for w in (s.target, s.drafter) if w is not None}
+
     def worker_lost(self, worker: str) -> list:
         """A worker died: forget it; return the requests that were pinned to it (target: they will be
         re-prefilled elsewhere; draft: they draft elsewhere from the next step)."""

@@ -18,7 +18,8 @@ class LocalExecutor:
         self.drafters = {"draft-0": drafter} if drafter is not None else {}
         self.slots = slots
 
-    def capacities(self) -> tuple[dict[str, int], dict[str, int]]:
+    def capacities(self, load=None, demand=None) -> tuple[dict[str, int], dict[str, int]]:
+        """Every slot of this process's workers (load and demand matter only to shared pools)."""
         return {w: self.slots for w in self.targets}, {w: self.slots for w in self.drafters}
 
     def execute(self, plan: StepPlan) -> StepResult:

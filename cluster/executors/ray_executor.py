@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError, RayError
 
 from cluster.core.messages import StepPlan
 from cluster.executors.base import StepResult, by_worker, call_shape, clean, resolve_verify
+from cluster.pools.manager import RouterReport
 from cluster.workers.isolation import Failure
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ class ActorPool:
     """Actors of one kind under stable ids ("target-0", ...). A replacement gets a new id; an actor is
     offered to the scheduler once it answers a ping."""
 
-    def __init__(self, prefix: str, start, size: int):
-        self.prefix, self._start, self._next = prefix, start, 0
+    def __init__(self, prefix: str, start, size: int, slots: int):
+        self.prefix, self._start, self._next, self.slots = prefix, start, 0, slots
         self.handles: dict[str, object] = {}
         self._probes: dict[str, object] = {}
         self.restarts = 0
@@ -53,6 +54,9 @@ class ActorPool:
                         log.error("%s failed to start; replacing it", worker)
                         self.replace(worker)
         return [w for w in self.handles if w not in self._probes]
+
+    def capacities(self) -> dict[str, int]:
+        return {w: self.slots for w in self.ready()}
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
@@ -84,18 +88,34 @@ class ActorPool:
 class RayExecutor:
     overlaps = True  # drafts run on draft actors, beside verification on target actors
 
-    def __init__(self, targets: ActorPool, drafters: ActorPool | None, slots: int, vocab: int,
-                 draft_timeout_s: float, draft_slots: int | None = None):
-        self.targets, self.drafters = targets, drafters
-        self.slots, self.vocab, self.draft_timeout_s = slots, vocab, draft_timeout_s
-        self.draft_slots = draft_slots or slots
+    def __init__(self, targets, drafters, vocab: int, draft_timeout_s: float, shared=None):
+        """targets, drafters: this router's own ActorPools, or, with `shared` (a PoolClient), the
+        SharedPools of a pool manager that serves every router replica."""
+        self.targets, self.drafters, self.shared = targets, drafters, shared
+        self.vocab, self.draft_timeout_s = vocab, draft_timeout_s
+        self._since_sync = [0.0, 0.0]  # step seconds, of which waiting on drafts, since the last report
         self._in_flight: dict[str, tuple] = {}  # worker -> (tasks, ref) of drafts for the next step
         self.count_bytes = False  # benchmarks: count the bytes each step sends to and gets from actors
         self.step_bytes: list[int] = []
 
-    def capacities(self) -> tuple[dict[str, int], dict[str, int]]:
-        targets = {w: self.slots for w in self.targets.ready()}
-        drafters = {w: self.draft_slots for w in self.drafters.ready()} if self.drafters is not None else {}
+    def capacities(self, load=None, demand: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """Slots per live worker. With shared pools, this router's leases, after sending the manager
+        what it holds (`load(worker)`) and what waits for a slot (`demand` per pool)."""
+        if self.shared is not None and load is not None:
+            pools = [pool for pool in (self.targets, self.drafters) if pool is not None]
+
+            def report() -> RouterReport:  # after the last answer is applied: the leases in force now
+                usage = {w: load(w) for pool in pools for w in pool.handles}
+                held = {w: max(lease, usage[w]) for pool in pools for w, lease in pool.leases.items()}
+                return RouterReport(usage, held, dict(demand or {}), *self._since_sync)
+
+            gone, sent = self.shared.sync(report)
+            for worker in gone:
+                self._in_flight.pop(worker, None)  # scaled away: its requests draft elsewhere now
+            if sent:
+                self._since_sync = [0.0, 0.0]
+        targets = self.targets.capacities()
+        drafters = self.drafters.capacities() if self.drafters is not None else {}
         return targets, drafters
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -114,7 +134,8 @@ class RayExecutor:
                                       if any(t.seq_id in needed for t in c[0])}, wait=True)
         self._in_flight = {w: c for w, c in self._in_flight.items() if not any(t.seq_id in needed for t in c[0])}
         self._collect_drafts(result, now, wait=True, launched=start)
-        result.draft_s = time.perf_counter() - start if now else 0.0
+        waited = time.perf_counter() - start
+        result.draft_s = waited if now else 0.0
         verify = {w: (tasks, self.targets.handles[w].verify_timed.remote(tasks))
                   for w, tasks in by_worker(resolve_verify(plan, result.proposals), "target").items()
                   if w in self.targets.handles}
@@ -146,6 +167,8 @@ class RayExecutor:
             self.step_bytes.append(len(pickle.dumps(sent)) + len(pickle.dumps(got)))
         self._in_flight = {w: c for w, c in self._in_flight.items()
                            if not all(t.seq_id in result.proposals or t.seq_id in result.draft_failed for t in c[0])}
+        self._since_sync[0] += time.perf_counter() - start
+        self._since_sync[1] += waited
         return result
 
     def pending_drafts(self) -> set[str]:

@@ -62,6 +62,12 @@ class DraftWorker:
             self.tokens.pop(seq_id, None)
             self.drafter.release(seq_id)
 
+    def release_prefix(self, prefix: str) -> int:
+        """Free every sequence whose id starts with `prefix` (a dead router's); returns how many."""
+        gone = [seq_id for seq_id in self.tokens if seq_id.startswith(prefix)]
+        self.release(gone)
+        return len(gone)
+
     def call_log(self) -> list[tuple[float, float]]:
         return list(self.calls)
 

@@ -105,6 +105,12 @@ class TargetWorker:
             if seq is not None:
                 self.backend.cache.free(seq.slot)
 
+    def release_prefix(self, prefix: str) -> int:
+        """Free every sequence whose id starts with `prefix` (a dead router's); returns how many."""
+        gone = [seq_id for seq_id in self.seqs if seq_id.startswith(prefix)]
+        self.release(gone)
+        return len(gone)
+
     def calibrate(self):
         """Measure this worker's pass-cost curve (the scheduler's cost model reads it)."""
         return self.backend.calibrate()

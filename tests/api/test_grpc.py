@@ -229,3 +229,38 @@ def test_api_key(make_engine):
         channel.close()
         server.stop(0)
         driver.close()
+
+
+def test_the_client_retries_unavailable_until_a_replica_answers(make_engine):
+    """A replica that died answers UNAVAILABLE; the shipped client's retry policy resends until a live
+    one answers (here: nothing listens at first, a server comes up on the port 0.3 s later)."""
+    import socket
+    import threading
+
+    from deployments.grpc_client import RETRYING
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    request = pb.GenerateRequest(prompt=PROMPT, max_tokens=3)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GenerationStub(plain).Generate(request, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # without the policy: fails at once
+    engine = make_engine("ngram", k=2)
+    started = {}
+
+    def start():
+        time.sleep(0.3)
+        started["driver"] = EngineDriver(engine)
+        started["server"], _ = build_server(started["driver"], "tiny", "ngram", engine.max_model_len, port)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=RETRYING) as channel:
+            assert pb_grpc.GenerationStub(channel).Generate(request, timeout=10).completion_tokens == 3
+    finally:
+        thread.join()
+        started["server"].stop(0)
+        started["driver"].close()

@@ -14,6 +14,7 @@ from openai import OpenAI
 from ray import serve
 
 from cluster.types import SamplingParams
+from deployments.autoscaling import IN_FLIGHT
 from deployments.builders import build_app
 from specdec.v1 import generation_pb2 as pb
 from specdec.v1 import generation_pb2_grpc as pb_grpc
@@ -36,22 +37,27 @@ def app(tiny_models, tmp_path_factory):
         "sampling": {"max_tokens": 16},
         "limits": {"max_batch_size": 4, "max_model_len": 128, "max_tokens": 64},
         "cluster": {"target_pool": {"num_cpus": 0, "torch_threads": 1, "resources": {"target_node": 1}},
-                    "draft_pool": {"num_cpus": 0, "torch_threads": 1, "resources": {"draft_node": 1}}},
+                    "draft_pool": {"num_cpus": 0, "torch_threads": 1, "resources": {"draft_node": 1}},
+                    "shared_pools": {"enabled": True, "name": "serve-test-pools", "idle_exit_s": 0}},
     }
     path = tmp_path_factory.mktemp("serve") / "engine.yaml"
     path.write_text(yaml.safe_dump(config))
     http_port, grpc_port = _free_port(), _free_port()
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, resources={"target_node": 2, "draft_node": 2, "ingress": 1}, include_dashboard=False,
+    ray.init(num_cpus=2, resources={"target_node": 2, "draft_node": 2, "ingress": 2}, include_dashboard=False,
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     app_args = yaml.safe_load(Path("deployments/configs/serve.yaml").read_text())["applications"][0]["args"]
-    app_args |= {"config": str(path), "grpc_port": grpc_port, "autoscaling_config": {"min_replicas": 1,
-                                                                                     "max_replicas": 1}}
+    # two ingress replicas (routers) on one shared target pool and one shared draft pool
+    app_args |= {"config": str(path), "grpc_port": grpc_port, "autoscaling_config": {"min_replicas": 2,
+                                                                                     "max_replicas": 2}}
     serve.run(build_app(app_args), name="specdec")
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
     serve.shutdown()
+    manager = ray.get_actor("serve-test-pools", namespace="specdec")
+    ray.get(manager.shutdown.remote())
+    ray.kill(manager)
     ray.shutdown()
 
 
@@ -120,3 +126,27 @@ def test_grpc_on_the_serve_replica(app, expected):
         assert response.text == expected.text
         streamed = "".join(m.text for m in stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=16)))
         assert streamed == expected.text
+
+
+def test_two_replicas_share_one_target_pool_and_one_draft_pool(app, client, expected):
+    manager = ray.get_actor("serve-test-pools", namespace="specdec")
+    status = ray.get(manager.status.remote())
+    assert len(status["routers"]) == 2 and status["sizes"] == {"target": 1, "draft": 1}
+    for _ in range(6):  # requests land on both replicas; each verifies on the one shared target actor
+        assert client.completions.create(model="target", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text \
+            == expected.text
+    handles = ray.get(manager.handles.remote())
+    assert len(ray.get(handles["target"]["target-0"].call_log.remote())) > 0
+
+
+def test_replicas_report_grpc_requests_to_the_autoscaler(app):
+    """A gRPC stream bypasses Serve's proxy; the replica that serves it counts it in the custom metric
+    the ingress policy scales on."""
+    handle = serve.get_deployment_handle("SpecDecServer", "specdec")
+    with grpc.insecure_channel(app["grpc"]) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        stream = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=60, min_tokens=60))
+        next(stream)
+        seen = max(handle.record_autoscaling_stats.remote().result()[IN_FLIGHT] for _ in range(8))
+        stream.cancel()
+    assert seen >= 1

@@ -95,15 +95,17 @@ def test_the_schema_rejects_what_kubectl_would(rayservice, crd_schema, break_it)
 
 def test_draft_and_target_groups_offer_what_the_pools_ask_for(rayservice, serve_config):
     groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    assert set(groups) == {"draft", "target"}
+    assert set(groups) == {"draft", "target", "ingress"}
     engine = load_config(ROOT / serve_config["applications"][0]["args"]["config"], check_paths=False)
     draft, target = _ray_resources(groups["draft"]), _ray_resources(groups["target"])
     assert set(engine.cluster.draft_pool.resources) <= set(draft) and not set(engine.cluster.draft_pool.resources) & set(target)
     assert set(engine.cluster.target_pool.resources) <= set(target) and not set(engine.cluster.target_pool.resources) & set(draft)
     ingress = serve_config["applications"][0]["args"]["ray_actor_options"]["resources"]
-    assert set(ingress) <= set(target)  # Serve replicas (and their gRPC port) live on target pods
-    for name, group in groups.items():
-        spec = group["template"]["spec"]
+    # Serve replicas (and their gRPC port) live on CPU ingress pods, apart from both GPU groups
+    assert set(ingress) <= set(_ray_resources(groups["ingress"])) and not set(ingress) & (set(draft) | set(target))
+    assert "nvidia.com/gpu" not in groups["ingress"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    for name in ("draft", "target"):
+        spec = groups[name]["template"]["spec"]
         gpus = spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
         assert int(gpus) >= 1 and spec["nodeSelector"] and spec["tolerations"]
     assert groups["draft"]["template"]["spec"]["nodeSelector"] != groups["target"]["template"]["spec"]["nodeSelector"]
@@ -117,6 +119,21 @@ def test_autoscaling_bounds(rayservice, serve_config):
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     autoscaling = serve_config["applications"][0]["args"]["autoscaling_config"]
     assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    assert autoscaling["policy"]["policy_function"] == "deployments.autoscaling:ingress_policy"  # counts gRPC too
+
+
+def test_groups_scale_apart_within_the_pools_bounds(rayservice, serve_config):
+    """Each group's bounds are its pool's: the shared draft and target pools scale between replicas and
+    max_replicas, Ray's autoscaler adds the pods their actors ask for, and ingress pods follow the Serve
+    replicas."""
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    args = serve_config["applications"][0]["args"]
+    engine = load_config(ROOT / args["config"], check_paths=False)
+    assert engine.cluster.shared_pools.enabled
+    for name, pool in (("draft", engine.cluster.draft_pool), ("target", engine.cluster.target_pool)):
+        assert groups[name]["minReplicas"] >= pool.replicas and groups[name]["maxReplicas"] == pool.max_replicas
+        assert pool.max_replicas > pool.replicas  # it can scale
+    assert groups["ingress"]["maxReplicas"] == args["autoscaling_config"]["max_replicas"]
 
 
 def test_ports_probes_limits_and_security(rayservice):
@@ -125,7 +142,7 @@ def test_ports_probes_limits_and_security(rayservice):
     assert head["serviceType"] == "ClusterIP" and head["rayStartParams"]["num-cpus"] == "0"
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     ports = {(name, p["name"]): p["containerPort"] for name, c in _containers(rayservice) for p in c.get("ports", [])}
-    assert ports[("head", "serve")] == 8000 and ports[("target", "grpc")] == 50051
+    assert ports[("head", "serve")] == 8000 and ports[("ingress", "grpc")] == 50051
     assert 8265 not in ports.values()  # the dashboard is never published
     for name, container in _containers(rayservice):
         for kind in ("requests", "limits"):
@@ -136,8 +153,8 @@ def test_ports_probes_limits_and_security(rayservice):
         assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     (grpc_service,) = [d for d in _docs() if d.get("kind") == "Service"]
     assert grpc_service["spec"]["type"] == "ClusterIP" and grpc_service["spec"]["ports"][0]["port"] == 50051
-    target_labels = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "target")["template"]["metadata"]["labels"]
-    assert grpc_service["spec"]["selector"].items() <= target_labels.items()
+    ingress_labels = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "ingress")["template"]["metadata"]["labels"]
+    assert grpc_service["spec"]["selector"].items() <= ingress_labels.items()
     keys = [e for _, c in _containers(rayservice) for e in c.get("env", []) if e["name"] == "SPECDEC_API_KEY"]
     assert keys and all("secretKeyRef" in e["valueFrom"] for e in keys)  # from a Secret, never inline
 

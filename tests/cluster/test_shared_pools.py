@@ -1,7 +1,6 @@
 """Shared pools on a real local Ray: routers share one target and one draft pool under leases, the draft
 pool scales 1 -> 2 -> 1 with measured load, and a dead router's sequences and leases come back."""
 
-import threading
 import time
 import uuid
 
@@ -55,38 +54,6 @@ def _loads(manager) -> dict[str, list[dict]]:
     return {kind: ray.get([h.load.remote() for h in hs.values()]) for kind, hs in handles.items()} | {"status": status}
 
 
-def test_two_routers_share_one_target_pool_and_one_draft_pool(ray_local, tiny_models, reference, pools_cleanup):
-    config = shared_config(tiny_models, max_batch_size=8)
-    pools_cleanup(config)
-    routers = [Router(config), Router(config)]
-    try:
-        for router in routers:
-            router.wait_ready()
-        assert set(routers[0].targets.handles) == set(routers[1].targets.handles) == {"target-0"}
-        assert set(routers[0].drafts.handles) == set(routers[1].drafts.handles) == {"draft-0"}
-        outputs = [None, None]
-
-        def run(i):
-            outputs[i] = [o.token_ids for o in routers[i].generate(PROMPTS, PARAMS)]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert outputs == [reference, reference]  # 32 requests over one target worker of 8 slots: exact
-        manager = _manager(config)
-        status = ray.get(manager.status.remote())
-        assert len(status["routers"]) == 2 and status["sizes"] == {"target": 1, "draft": 1}
-        assert sum(leases.get("target-0", 0) for leases in status["leases"].values()) <= 8
-        passes = ray.get(routers[0].targets.handles["target-0"].call_log.remote())
-        assert passes  # the one worker did both routers' verification
-        assert routers[0].requests.id_prefix != routers[1].requests.id_prefix
-    finally:
-        for router in routers:
-            router.shutdown()
-
-
 def test_the_draft_pool_grows_under_draft_bound_load_and_shrinks_when_idle(ray_local, tiny_models, make_engine,
                                                                            pools_cleanup):
     """Unpipelined model drafts of K = 6 make every step wait on drafting: the pool grows to 2; requests
@@ -133,27 +100,43 @@ class RouterHost:
         return len(self.router.running)
 
 
-def test_a_dead_router_leaves_no_sequence_lease_or_actor_behind(ray_local, tiny_models, reference, pools_cleanup):
+def _peak_running(router) -> list[int]:
+    peak, step = [0], router.step
+    router.step = lambda: (out := step(), peak.__setitem__(0, max(peak[0], len(router.running))))[0]
+    return peak
+
+
+def test_two_routers_share_one_pool_under_leases_and_a_dead_ones_slots_come_back(ray_local, tiny_models, reference,
+                                                                                pools_cleanup):
+    """A router in its own process (as in a Serve replica) holds 4 of the one target worker's 8 slots; a
+    second router runs 16 requests beside it within the other 4, exact. Killing the first frees its
+    sequences on both workers and its lease: the second then runs 8 at once."""
     config = shared_config(tiny_models, max_batch_size=8)
     pools_cleanup(config)
     host = RouterHost.remote(config)
-    assert ray.get(host.start.remote(8)) == 8  # holds every slot of the one target worker
-    manager = _manager(config)
-    loads = _loads(manager)
-    assert loads["target"][0]["sequences"] == 8 and loads["draft"][0]["sequences"] == 8
-    ray.kill(host)
-    deadline = time.time() + 15
-    while ray.get(manager.status.remote())["routers"] and time.time() < deadline:
-        time.sleep(0.2)
-    loads = _loads(manager)
-    assert loads["status"]["routers"] == [] and loads["status"]["sizes"] == {"target": 1, "draft": 1}
-    assert loads["target"][0]["sequences"] == 0 and loads["target"][0]["cache_occupied"] == 0
-    assert loads["draft"][0]["sequences"] == 0
-    router = Router(config)  # a survivor gets the whole worker back
+    router = Router(config)
     try:
+        assert ray.get(host.start.remote(4)) == 4
         router.wait_ready()
-        peak, step = [0], router.step
-        router.step = lambda: (out := step(), peak.__setitem__(0, max(peak[0], len(router.running))))[0]
+        manager = _manager(config)
+        assert set(router.targets.handles) == {"target-0"} and set(router.drafts.handles) == {"draft-0"}
+        peak = _peak_running(router)
+        assert [o.token_ids for o in router.generate(PROMPTS, PARAMS)] == reference
+        # the host's 4 (and the one slot of headroom its lease keeps) stayed reserved: never over-committed
+        assert 3 <= peak[0] <= 4
+        loads = _loads(manager)
+        assert len(loads["status"]["routers"]) == 2 and loads["status"]["sizes"] == {"target": 1, "draft": 1}
+        assert loads["target"][0]["sequences"] == 4 and loads["draft"][0]["sequences"] == 4  # the host's
+        ray.kill(host)
+        deadline = time.time() + 15
+        while len(ray.get(manager.status.remote())["routers"]) > 1 and time.time() < deadline:
+            router.step()  # idle: keeps reporting
+            time.sleep(0.2)
+        loads = _loads(manager)
+        assert loads["status"]["routers"] == [router.pool_client.router_id]
+        assert loads["target"][0]["sequences"] == 0 and loads["target"][0]["cache_occupied"] == 0
+        assert loads["draft"][0]["sequences"] == 0
+        peak[0] = 0
         assert [o.token_ids for o in router.generate(PROMPTS[:8], PARAMS[:8])] == reference[:8]
         assert peak[0] == 8  # all eight ran at once: the dead router's slots are free
     finally:

@@ -125,6 +125,10 @@ def main(argv=None) -> dict:
             resources[name] = resources.get(name, 0) + amount * pool.replicas * len(variants)
     ray.init(num_cpus=args.num_cpus, resources=resources, include_dashboard=False, log_to_driver=False)
 
+    tokenizer = load_tokenizer(config.target)
+    prompts = load_prompts(tokenizer, raw=False)
+    prompt_ids = [tokenizer.encode(p) for p in prompts]  # as the engine tokenises
+
     def start(name: str) -> Router:
         k, pinned, pipelining = variants[name]
         cfg = copy.deepcopy(config)
@@ -139,9 +143,6 @@ def main(argv=None) -> dict:
         drive(router, prompts, 2, 1, 16)  # warm-up
         return router
 
-    tokenizer = load_tokenizer(config.target)
-    prompts = load_prompts(tokenizer, raw=False)
-    prompt_ids = [tokenizer.encode(p) for p in prompts]  # as the engine tokenises
     reference = None  # the dense target in this process, for the teacher-forced check (loaded once, if needed)
 
     def check(outputs: list[list[int]]) -> dict:
@@ -153,12 +154,13 @@ def main(argv=None) -> dict:
             reference = load_model(config.target)
         return check_outputs(reference, [prompt_ids[i % len(prompt_ids)] for i in range(len(outputs))], outputs)
 
-    def best_of(router: Router, n: int) -> dict:
-        per_stream = args.requests_per_stream if n < 16 else 1
-        runs = [drive(router, prompts, n, per_stream, args.max_tokens) for _ in range(args.repeats)]
-        return max(runs, key=lambda run: run["tokens_per_s"])
-
     results: dict[int, dict[str, dict]] = {n: {} for n in args.concurrency}
+
+    def run_and_keep_best(router: Router, name: str, n: int) -> None:
+        run = drive(router, prompts, n, args.requests_per_stream if n < 16 else 1, args.max_tokens)
+        if name not in results[n] or run["tokens_per_s"] > results[n][name]["tokens_per_s"]:
+            results[n][name] = run
+
     stats: dict[str, dict] = {}
     names = list(variants)
     if args.one_at_a_time:
@@ -166,19 +168,17 @@ def main(argv=None) -> dict:
             router = start(name)
             for n in args.concurrency:
                 print(f"{name}: concurrency {n} ...", flush=True, file=sys.stderr)
-                results[n][name] = best_of(router, n)
+                for _ in range(args.repeats):
+                    run_and_keep_best(router, name, n)
             stats[name] = router_stats(router)
             router.shutdown()
     else:
         routers = {name: start(name) for name in names}
         for n in args.concurrency:
             print(f"concurrency {n} ...", flush=True, file=sys.stderr)
-            per_stream = args.requests_per_stream if n < 16 else 1
             for rep in range(args.repeats):  # rotate the order so no variant always runs first; keep the best
                 for name in names[rep % len(names):] + names[: rep % len(names)]:
-                    run = drive(routers[name], prompts, n, per_stream, args.max_tokens)
-                    if name not in results[n] or run["tokens_per_s"] > results[n][name]["tokens_per_s"]:
-                        results[n][name] = run
+                    run_and_keep_best(routers[name], name, n)
         for name, router in routers.items():
             stats[name] = router_stats(router)
             router.shutdown()

@@ -33,9 +33,9 @@ class ActorPool:
         self._probes: dict[str, object] = {}
         self.restarts = 0
         for _ in range(size):
-            self._spawn()
+            self.spawn()
 
-    def _spawn(self) -> str:
+    def spawn(self) -> str:
         worker = f"{self.prefix}-{self._next}"
         self._next += 1
         self.handles[worker] = self._start()
@@ -77,7 +77,7 @@ class ActorPool:
             except Exception:  # already gone
                 pass
         self.restarts += 1
-        return self._spawn()
+        return self.spawn()
 
     def shutdown(self) -> None:
         for handle in self.handles.values():

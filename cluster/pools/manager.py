@@ -47,7 +47,6 @@ class PoolView:
     """What a router may use: per pool, worker -> (handle, its lease of slots there)."""
 
     workers: dict[str, dict[str, tuple[object, int]]]
-    sizes: dict[str, int]  # live actors per pool (the scaling decisions' result)
 
 
 @dataclass
@@ -98,7 +97,7 @@ class PoolManager:
                     lease = self._lease(kind, worker, router_id, router)
                     router.offers[worker] = lease
                     workers[kind][worker] = (self.pools[kind].handles[worker], lease)
-            return PoolView(workers, self.sizes())
+            return PoolView(workers)
 
     def heartbeat(self, router_id: str) -> None:
         with self._lock:
@@ -207,7 +206,7 @@ class PoolManager:
         if kind == "target" and self.draining:  # take a draining worker back before starting one
             self.draining.discard(sorted(self.draining)[-1])
         else:
-            self.pools[kind]._spawn()
+            self.pools[kind].spawn()
         self._logged(kind)
 
     def _shrink(self, kind: str) -> None:

@@ -3,8 +3,9 @@ worker (its lease), and how many actors each pool should have, from load the rou
 
 Leases keep a worker's cache from being over-committed by routers that admit independently: the
 manager reserves for each router the larger of what it last offered and what the router last said it
-may use, and never offers more than the worker's slots minus the others' reservations. A router uses
-min(its lease, what it holds), so a shrinking lease frees slots only once the router has seen it.
+may use, and never offers more than the worker's slots minus the others' reservations. A router admits
+within the lease it last received and reports max(that lease, what it holds), so a shrinking lease frees
+slots for others only once the router has seen it.
 """
 
 from __future__ import annotations

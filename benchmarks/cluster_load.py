@@ -74,8 +74,10 @@ def drive(engine, prompts: list[str], streams: int, per_stream: int, max_tokens:
 
 
 def router_stats(router: Router) -> dict:
+    used, dropped = (router.metrics.value("specdec_continued_drafts_total", outcome=o) for o in ("used", "dropped"))
     return {"acceptance_rate": round(router.stats.acceptance_rate, 3), "pipelined_steps": router.pipelined_steps,
-            "steps": router.timings.steps}
+            "steps": router.timings.steps, "continued_drafts": int(used + dropped),
+            "continued_used": round(used / max(used + dropped, 1), 3)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -101,6 +103,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="start each variant's actors only for its own runs (models too large to hold every "
                              "variant at once; no order rotation then)")
+    parser.add_argument("--pipelining", default="auto", choices=("auto", "split", "continue"),
+                        help="the pipelined row's mode with --devices 2 (auto: the cost model picks per step)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -116,7 +120,8 @@ def main(argv=None) -> dict:
     # name -> (k, pin target/draft to disjoint cores, pipelining)
     if args.devices == 2:
         variants = {"k0": (0, True, "off"), "colocated": (config.speculation.k, False, "auto"),
-                    "unpipelined": (config.speculation.k, True, "off"), "pipelined": (config.speculation.k, True, "auto")}
+                    "unpipelined": (config.speculation.k, True, "off"),
+                    "pipelined": (config.speculation.k, True, args.pipelining)}
     else:
         variants = {"speculative": (config.speculation.k, False, "auto"), "baseline": (0, False, "off")}
     resources = {}

@@ -86,7 +86,7 @@ def tiers(config, prompts: list[str], max_bytes: int, streams: int, patch: int) 
     cfg.drafter.sections = {}
     cfg.speculation.k = cfg.speculation.k_max = patch
     cfg.speculation.adaptive = False
-    cfg.cluster.pipelining = "always" if streams > 1 else "off"
+    cfg.cluster.pipelining = "split" if streams > 1 else "off"
     cfg.cluster.target_pool.cpus, cfg.cluster.draft_pool.cpus = [0], [1]
     cfg.cluster.target_pool.num_cpus = cfg.cluster.draft_pool.num_cpus = 0
     cfg.limits.max_batch_size = max(cfg.limits.max_batch_size, streams)

@@ -155,7 +155,7 @@ class PoolConfig:
             raise ConfigError(f"{key}.cpus: CPU core numbers (>= 0)")
 
 
-PIPELINING = ("auto", "always", "off")
+PIPELINING = ("auto", "split", "continue", "off")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from cluster.config import EngineConfig
 from cluster.core.cost_model import CostCurve, CostModel, DraftCost
-from cluster.core.messages import StepPlan, Verdict
+from cluster.core.messages import StepPlan, Verdict, continuation
 from cluster.core.scheduler import Scheduler, SchedulerConfig, context
 from cluster.errors import EngineOverloadedError, InvalidRequestError
 from cluster.metrics import EngineMetrics
@@ -234,7 +234,7 @@ class Engine:
             seq = self._seq(task.seq_id)
             if seq is None:
                 continue
-            proposal = result.proposals.get(task.seq_id)
+            proposal = None if task.continues else result.proposals.get(task.seq_id)  # continued: below
             if proposal is not None:
                 seq.draft_synced = task.start + len(task.new_tokens)
                 if not task.now:
@@ -256,6 +256,13 @@ class Engine:
             seq.hidden = v.hidden
             deltas.append(self._apply(seq, len(proposal) if proposal else 0, v,
                                       proposal.path_tokens(v.path) if proposal else []))
+        for seq_id, (task, drafted) in result.continued.items():  # after the verdicts they depend on
+            seq = self._seq(seq_id)
+            nxt = continuation(seq.tokens, task, drafted) if seq is not None and seq.proposal is None else None
+            self.metrics.continued.labels("used" if nxt is not None else "dropped").inc()
+            if nxt is not None:
+                seq.proposal, seq.drafting = nxt, False
+                seq.draft_synced = task.start + len(task.new_tokens)
         self._retire()
         return deltas
 

@@ -46,6 +46,9 @@ class EngineMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("specdec_time_per_output_token_seconds", "Decode time per token after the first",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.continued = Counter("specdec_continued_drafts", "Drafts made on from a proposal under verification: "
+                                 "used (the next proposal) or dropped (not all accepted, or a wrong guess)",
+                                 ["outcome"], registry=r)
         self.failovers = Counter("specdec_worker_failures", "Worker failures handled", ["pool"], registry=r)
         self.api_requests = Counter("specdec_api_requests", "Front-door requests by protocol, route and status",
                                     ["protocol", "route", "status"], registry=r)

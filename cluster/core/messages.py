@@ -182,6 +182,25 @@ class DraftTask:
     now: bool = True  # needed by this step's verify (False: drafted for the next step, beside it)
     last_accepted: int | None = None  # how much of this request's previous proposal was accepted
     hidden: object = None  # [H] the target's hidden state behind the pending token (drafters that read it)
+    # Drafted on from the end of the request's held proposal while that proposal is verified (new_tokens
+    # end with it): node 0 guesses the target's next token; the rest is usable only if all of the
+    # proposal is accepted and the guess is right (see `continuation`).
+    continues: bool = False
+
+
+def continuation(tokens: list[int], task: DraftTask, proposal: Proposal) -> Proposal | None:
+    """The next proposal a continuing draft gives a request whose tokens are now `tokens`, or None. It
+    holds exactly when the tokens the drafter assumed are the ones emitted: the held proposal was all
+    accepted, the target's next token is the guess (node 0), and nothing else was emitted since. Its
+    nodes are then draws from q given the request's real prefix, as a fresh draft's would be. (Output
+    would stay exact even without this check, since every node is verified and the rejection rule holds
+    for any q a node was drawn from; the check keeps drafts made for another prefix from costing a pass.)"""
+    end = task.start + len(task.new_tokens)
+    if len(proposal) < 2 or not proposal.is_chain or len(tokens) != end + 1:
+        return None
+    if tokens[task.start:end] != task.new_tokens or tokens[end] != proposal.tokens[0]:
+        return None
+    return Proposal.chain(proposal.tokens[1:], proposal._q_of(slice(1, None)))
 
 
 @dataclass

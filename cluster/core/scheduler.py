@@ -7,7 +7,8 @@ One `schedule()` call returns a StepPlan:
   1. admit waiting requests (and those moved off a dead worker) to the least-loaded live target;
   2. choose draft budgets with the cost model (or fixed K), bounded by what each request may still emit;
   3. where drafts can run beside verification (separate draft workers) and the cost model predicts it
-     pays, verify the requests that already hold a proposal while the others draft for the next step.
+     pays, verify the requests that already hold a proposal while their drafters draft on from those
+     proposals' ends, and the others draft for the next step.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, cost: CostModel | None = None, pipelining: str = "off"):
         self.config = config
         self.cost = cost
-        # off | auto | always; only where drafting runs on other workers, concurrently with verification
+        # off | auto | split | continue (the last two forced); only where drafting runs on other workers,
+        # concurrently with verification
         self.pipelining = pipelining
         self.waiting: deque = deque()
         self.running: list = []
@@ -102,12 +104,15 @@ class Scheduler:
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
         fresh = [s for s in decode if s.proposal is None]
-        if self._pipeline(decode, budgets):
+        mode = self._pipeline(decode, budgets)
+        if mode != "flat":
             group = held or fresh[: (len(fresh) + 1) // 2]
             later = [s for s in decode if s not in group]
             self._verify(plan, group, budgets, now=[s for s in group if s.proposal is None])
             plan.draft += [self._draft_task(s, budgets[s.request_id], now=False) for s in later
                            if budgets[s.request_id] > 0]
+            if mode == "continue":
+                plan.draft += [t for t in (self._continue_task(s, budgets[s.request_id]) for s in group) if t]
             plan.pipelined = True
         else:
             self._verify(plan, decode, budgets, now=fresh)
@@ -128,10 +133,11 @@ class Scheduler:
         best = max((i for i, c in enumerate(caps) if c), key=lambda i: alphas[i])
         return [min(self.config.k, caps[i]) if i == best else 0 for i in range(len(ks))]
 
-    def cap(self, seq) -> int:
-        """Never draft past what the request may still emit, nor past the context."""
-        remaining = seq.params.max_tokens - len(seq.output_ids) - 1
-        room = self.config.max_model_len - len(seq.tokens) - 1
+    def cap(self, seq, ahead: int = 0) -> int:
+        """Never draft past what the request may still emit, nor past the context (`ahead`: tokens it will
+        have emitted before this draft is verified)."""
+        remaining = seq.params.max_tokens - len(seq.output_ids) - ahead - 1
+        room = self.config.max_model_len - len(seq.tokens) - ahead - 1
         return max(0, min(self.config.k_max, remaining, room))
 
     def _admit(self, plan: StepPlan) -> None:
@@ -163,32 +169,57 @@ class Scheduler:
         return DraftTask(seq.request_id, seq.drafter, seq.draft_synced, seq.tokens[seq.draft_synced:], budget,
                          seq.params, seq.seed, seq.num_prompt, now, seq.last_accepted, seq.hidden)
 
+    def _continue_task(self, seq, budget: int) -> DraftTask | None:
+        """While a held proposal is verified, its drafter drafts on from the proposal's end (node 0 guesses
+        the target's next token): if all of it is accepted and the guess is right, the request holds its
+        next proposal when this step ends, and the other group is not needed to keep the target busy."""
+        p = seq.proposal
+        if p is None or not len(p) or not p.is_chain or self.config.want_hidden:
+            return None
+        budget = min(budget, self.cap(seq, ahead=len(p) + 1))
+        if budget <= 0:
+            return None
+        return DraftTask(seq.request_id, seq.drafter, seq.draft_synced, seq.tokens[seq.draft_synced:] + p.tokens,
+                         budget + 1, seq.params, seq.seed, seq.num_prompt, False, None, None, continues=True)
+
     def _verify(self, plan: StepPlan, group: list, budgets: dict, now: list) -> None:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]
         plan.verify += [VerifyTask(s.request_id, s.target, s.proposal, self.config.want_hidden) for s in group]
 
-    def _pipeline(self, decode: list, budgets: dict) -> bool:
+    def _pipeline(self, decode: list, budgets: dict) -> str:
+        """flat (everyone drafts, then everyone is verified), split (one group verifies while the other
+        drafts) or continue (split, and the verified group's drafters draft on from their proposals)."""
         if self.pipelining == "off" or len(decode) < 2 or not any(budgets.values()):
-            return False
-        return self.pipelining == "always" or self._pipeline_pays(decode, budgets)
-
-    def _pipeline_pays(self, decode: list, budgets: dict) -> bool:
-        """Pipelined, in steady state: one half verifies while the other drafts on its own workers, so a
-        step costs max(verify one half, draft the other) for half the tokens; unpipelined, a step costs
-        draft + verify of everyone. The predicted throughputs decide (the first split step costs a
-        little more; steady state is what pipelining is for)."""
+            return "flat"
+        if self.pipelining in ("split", "continue"):  # forced (tests that prove each path)
+            return self.pipelining
         if self.cost is None:
-            return False
+            return "flat"
+        rates = self._pipeline_rates(decode, budgets)
+        return max(rates, key=rates.get)
+
+    def _pipeline_rates(self, decode: list, budgets: dict) -> dict[str, float]:
+        """Predicted steady-state tokens per second of each way to run the step.
+        flat: a step costs draft + verify of everyone.
+        split: one half verifies while the other drafts on its own workers: max(verify one half, draft
+          the other) for half the tokens (on a memory-bound drafter half a batch drafts no faster).
+        continue: the requests holding proposals are verified while their drafters draft on from the
+          proposals' ends, one node more (the guess of the target's next token): max(verify, draft) for
+          everyone. A continuation holds with probability alpha^(k+1); a request whose continuation
+          fails drafts beside the next verify and misses it, so it is verified once per 2 - alpha^(k+1)
+          steps."""
         ks = [budgets[s.request_id] for s in decode]
         alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
         contexts = [context(s) for s in decode]
-        flat_time, _, _ = self.cost.step_seconds(ks, contexts)
-        flat_tokens = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
+        tokens = [expected_tokens(a, k) for a, k in zip(alphas, ks)]
+        flat, verify, _ = self.cost.step_seconds(ks, contexts)
         half = len(decode) // 2
-        _, verify, _ = self.cost.step_seconds(ks[:half], contexts[:half])
-        piped_time = self.cost.timer.predict(max(verify, self.cost.draft_seconds(ks[half:])), 0.0)
-        piped_tokens = sum(expected_tokens(a, k) for a, k in zip(alphas[:half], ks[:half]))
-        return piped_time > 0 and flat_time > 0 and piped_tokens / piped_time > flat_tokens / flat_time
+        _, verify_half, _ = self.cost.step_seconds(ks[:half], contexts[:half])
+        split = self.cost.timer.predict(max(verify_half, self.cost.draft_seconds(ks[half:])), 0.0)
+        piped = self.cost.timer.predict(max(verify, self.cost.draft_seconds([k + 1 for k in ks if k])), 0.0)
+        held = sum(t / (2 - a ** (k + 1)) if k else t for t, a, k in zip(tokens, alphas, ks))
+        return {"flat": sum(tokens) / max(flat, 1e-12), "split": sum(tokens[:half]) / max(split, 1e-12),
+                "continue": held / max(piped, 1e-12)}
 
     def _predict(self, plan: StepPlan, decode: list, budgets: dict) -> float:
         if self.cost is None:

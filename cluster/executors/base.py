@@ -11,6 +11,7 @@ from cluster.core.messages import DraftTask, Proposal, StepPlan, VerifyTask
 class StepResult:
     prefilled: dict = field(default_factory=dict)  # seq_id -> Emitted | Failure
     proposals: dict = field(default_factory=dict)  # seq_id -> Proposal drafted this step (valid, or empty)
+    continued: dict = field(default_factory=dict)  # seq_id -> (DraftTask, Proposal) of drafts that continue a proposal
     draft_failed: set = field(default_factory=set)  # seq_ids whose drafting failed (their worker resyncs them)
     verdicts: dict = field(default_factory=dict)  # seq_id -> Verdict | Failure
     dead_workers: list = field(default_factory=list)  # worker ids that died during the step

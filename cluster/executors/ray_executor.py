@@ -160,13 +160,18 @@ class RayExecutor:
                 for task in tasks:
                     result.verdicts[task.seq_id] = Failure(f"{type(error).__name__} in the worker")
         self._in_flight.update(later)
-        self._collect_drafts(result, dict(self._in_flight), wait=False)  # whatever finished beside the verify
+        # Drafts that continue proposals verified now are the next step's proposals: the step waits for them
+        # (it costs max(verify, draft), as the scheduler predicts); others it takes if they are done.
+        continuing = {w: c for w, c in later.items() if any(t.continues for t in c[0])}
+        self._collect_drafts(result, continuing, wait=True)
+        self._collect_drafts(result, {w: c for w, c in self._in_flight.items() if w not in continuing}, wait=False)
         if self.count_bytes:
             sent = [plan.admit, plan.draft, resolve_verify(plan, result.proposals)]
-            got = [result.prefilled, result.proposals, result.verdicts]
+            got = [result.prefilled, result.proposals, result.continued, result.verdicts]
             self.step_bytes.append(len(pickle.dumps(sent)) + len(pickle.dumps(got)))
         self._in_flight = {w: c for w, c in self._in_flight.items()
-                           if not all(t.seq_id in result.proposals or t.seq_id in result.draft_failed for t in c[0])}
+                           if not all(t.seq_id in result.proposals or t.seq_id in result.continued
+                                      or t.seq_id in result.draft_failed for t in c[0])}
         self._since_sync[0] += time.perf_counter() - start
         self._since_sync[1] += waited
         return result
@@ -203,6 +208,8 @@ class RayExecutor:
                 proposal = clean(proposal, self.vocab)
                 if proposal is None or task.seq_id in drafted.failed:
                     result.draft_failed.add(task.seq_id)
+                elif task.continues:  # usable only once its verify is known: the engine decides
+                    result.continued[task.seq_id] = (task, proposal)
                 else:
                     result.proposals[task.seq_id] = proposal
 

@@ -9,7 +9,7 @@ from cluster.config import ClusterConfig, EngineConfig, ModelConfig, PoolConfig,
 from tests.conftest import drafter_config
 
 
-def cluster_config(tiny_models, *, k=3, kind="model", draft="draft_noisy", replicas=2, pipelining="always",
+def cluster_config(tiny_models, *, k=3, kind="model", draft="draft_noisy", replicas=2, pipelining="continue",
                    adaptive=False, rule="coupled", **limits) -> EngineConfig:
     pool = dict(replicas=replicas, num_cpus=0, torch_threads=1)
     config = EngineConfig(

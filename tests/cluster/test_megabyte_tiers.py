@@ -13,7 +13,7 @@ def test_the_two_tier_ray_run_equals_the_in_process_run(ray_local, tiny_megabyte
         target=ModelConfig(str(tiny_megabyte), dtype="float32"), drafter=DrafterConfig("megabyte_local"),
         speculation=SpeculationConfig(k=8, k_max=8, adaptive=False),
         cluster=ClusterConfig(target_pool=PoolConfig(resources={"target_node": 1}, **pool),
-                              draft_pool=PoolConfig(resources={"draft_node": 1}, **pool), pipelining="always"))
+                              draft_pool=PoolConfig(resources={"draft_node": 1}, **pool), pipelining="split"))
     config.limits.max_model_len = 256
     router = Router(config.validate())
     try:

@@ -81,6 +81,9 @@ def test_pipelining_overlaps_drafting_with_verification(router, ray_local, tiny_
     assert [o.token_ids for o in router.generate(PROMPTS, PARAMS)] == reference
     assert router.pipelined_steps > steps
     assert _overlaps(router, since) >= 5
+    # continued drafts (made on from proposals being verified) became proposals, and some were dropped
+    assert router.metrics.value("specdec_continued_drafts_total", outcome="used") > 0
+    assert router.metrics.value("specdec_continued_drafts_total", outcome="dropped") > 0
     flat = Router(cluster_config(tiny_models, max_batch_size=8, pipelining="off"))
     try:
         flat.wait_ready()

@@ -4,9 +4,10 @@ import random
 from collections import deque
 
 import pytest
+import torch
 
 from cluster.core.cost_model import Acceptance, CostCurve, CostModel, DraftCost, StepTimer, expected_tokens
-from cluster.core.messages import Proposal
+from cluster.core.messages import DraftTask, Proposal, SparseQ, continuation
 from cluster.core.scheduler import Scheduler, SchedulerConfig
 from cluster.requests import Sequence
 from cluster.types import SamplingParams
@@ -153,13 +154,69 @@ def test_pipelining_splits_the_batch_when_drafting_costs_a_real_share():
     for s in seqs:
         s.proposal = None
     assert not sched.schedule().pipelined  # free drafts: one group, verified every step
-    sched.pipelining = "always"
+    sched.pipelining = "split"
     assert sched.schedule().pipelined  # forced: split even though it does not pay
     sched.pipelining = "off"
     for s in seqs:
         s.proposal = None
     sched.cost = slow_draft
     assert not sched.schedule().pipelined  # off: never, even where it pays
+
+
+def test_a_continuation_holds_only_on_the_tokens_it_assumed():
+    """A draft made on from a held proposal [5, 6] guesses the target's next token (7) first; it is the next
+    proposal only if the request then emitted exactly 5, 6, 7 after the tokens it was synced to."""
+    task = DraftTask("r", "draft-0", 3, [4, 5, 6], 4, SamplingParams(), 0, 2, now=False, continues=True)
+    drafted = Proposal.chain([7, 8, 9, 10], q=None)
+    assert continuation([1, 2, 3, 4, 5, 6, 7], task, drafted).tokens == [8, 9, 10]
+    assert continuation([1, 2, 3, 4, 5, 6, 8], task, drafted) is None  # the target's token was not the guess
+    assert continuation([1, 2, 3, 4, 5, 9], task, drafted) is None  # the proposal was cut at 6
+    assert continuation([1, 2, 3, 4, 5, 6, 7, 8], task, drafted) is None  # emitted since: stale
+    assert continuation([1, 2, 3, 4, 5, 6, 7], task, Proposal.chain([7])) is None  # the guess alone
+    assert continuation([1, 2, 3, 4, 5, 6, 7], task, Proposal([7, 8, 9], [-1, -1, 0])) is None  # a tree
+    q = SparseQ.stack([(torch.tensor([t, 0]), torch.tensor([0.75, 0.25])) for t in (7, 8, 9, 10)], 16)
+    kept = continuation([1, 2, 3, 4, 5, 6, 7], task, Proposal.chain([7, 8, 9, 10], q))
+    assert kept.is_chain and kept.q.ids[:, 0].tolist() == [8, 9, 10]  # q travels with its nodes
+
+
+def test_continue_mode_drafts_on_from_held_proposals():
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="continue")
+    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
+    seqs = [_seq(i) for i in range(3)] + [_seq(3, max_tokens=4, output=0)]
+    for s in seqs:
+        s.ready, s.target, s.drafter, s.draft_synced = True, "target-0", "draft-0", 8
+    sched.running = seqs
+    for s in seqs[1:]:
+        s.proposal = Proposal.chain([1, 2, 3])
+    plan = sched.schedule()
+    assert plan.pipelined and {v.seq_id for v in plan.verify} == {"r1", "r2", "r3"}
+    tasks = {t.seq_id: t for t in plan.draft}
+    assert not tasks["r0"].continues and not tasks["r0"].now  # no proposal: drafts beside the verify
+    for seq_id in ("r1", "r2"):  # node 0 guesses the token after the proposal, then K more
+        t = tasks[seq_id]
+        assert t.continues and t.budget == 4 and t.start == 8 and t.new_tokens == [8, 9, 1, 2, 3]
+    assert "r3" not in tasks  # 4 tokens at most: the proposal and its bonus use them all
+    sched.pipelining = "split"
+    assert not any(t.continues for t in sched.schedule().draft)
+
+
+def test_auto_continues_when_acceptance_is_high_and_drafting_is_memory_bound():
+    # Memory-bound (a GPU): a pass costs the same for a few tokens as for one; so does a draft step, and a
+    # draft of K = 4 costs about one verify pass.
+    model = CostModel(CostCurve(0.02, 0.0, 0.0001), DraftCost(0.0, 0.005, 0.0), sequential_draft=True)
+    sched = Scheduler(SchedulerConfig(k=4, k_max=8, adaptive=False, max_model_len=256), model, pipelining="auto")
+    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
+    seqs = [_seq(i) for i in range(4)]
+    for s in seqs:
+        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
+    sched.running = seqs
+    sched.acceptance_prior = 0.95
+    rates = sched._pipeline_rates(seqs, {s.request_id: 4 for s in seqs})
+    assert max(rates, key=rates.get) == "continue"
+    assert rates["split"] < 1.01 * rates["flat"]  # half a batch drafts no faster: splitting alone gains nothing
+    sched.acceptance_prior = 0.3  # continuations seldom hold: drafting for them is mostly waste
+    rates = sched._pipeline_rates(seqs, {s.request_id: 4 for s in seqs})
+    assert rates["continue"] < rates["flat"]
 
 
 def test_a_marginal_gain_is_not_taken():

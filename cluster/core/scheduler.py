@@ -14,7 +14,7 @@ One `schedule()` call returns a StepPlan:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.core.cost_model import CostModel, expected_tokens
 from cluster.core.messages import DraftTask, Prefill, StepPlan, VerifyTask
@@ -179,8 +179,9 @@ class Scheduler:
         budget = min(budget, self.cap(seq, ahead=len(p) + 1))
         if budget <= 0:
             return None
-        return DraftTask(seq.request_id, seq.drafter, seq.draft_synced, seq.tokens[seq.draft_synced:] + p.tokens,
-                         budget + 1, seq.params, seq.seed, seq.num_prompt, False, None, None, continues=True)
+        # The proposal's tokens ride along; feedback and hidden state belong to the verify not yet known.
+        task = self._draft_task(seq, budget + 1, now=False)
+        return replace(task, new_tokens=task.new_tokens + p.tokens, last_accepted=None, hidden=None, continues=True)
 
     def _verify(self, plan: StepPlan, group: list, budgets: dict, now: list) -> None:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]

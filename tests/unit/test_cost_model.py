@@ -102,6 +102,15 @@ def _seq(i: int, max_tokens: int = 50, output: int = 0) -> Sequence:
     return seq
 
 
+def _decoding(sched: Scheduler, seqs: list[Sequence]) -> list[Sequence]:
+    """One target and one draft worker with 8 slots each, `seqs` prefilled and pinned to them."""
+    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
+    for s in seqs:
+        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
+    sched.running = seqs
+    return seqs
+
+
 def test_scheduler_admits_by_derived_load_and_moves_requests_off_a_dead_worker():
     sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=64))
     sched.targets, sched.drafters = {"target-0": 2, "target-1": 2}, {"draft-0": 4}
@@ -135,11 +144,7 @@ def test_pipelining_splits_the_batch_when_drafting_costs_a_real_share():
     # Compute-bound (a CPU): every token costs, in verification and in drafting alike.
     slow_draft = CostModel(CostCurve(0.002, 0.0, 0.004), DraftCost(0.0, 0.0, 0.004))
     sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), slow_draft, pipelining="auto")
-    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
-    seqs = [_seq(i) for i in range(4)]
-    for s in seqs:
-        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
-    sched.running = seqs
+    seqs = _decoding(sched, [_seq(i) for i in range(4)])
     plan = sched.schedule()
     assert plan.pipelined
     now, later = [t.seq_id for t in plan.draft if t.now], [t.seq_id for t in plan.draft if not t.now]
@@ -181,11 +186,9 @@ def test_a_continuation_holds_only_on_the_tokens_it_assumed():
 
 def test_continue_mode_drafts_on_from_held_proposals():
     sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="continue")
-    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
-    seqs = [_seq(i) for i in range(3)] + [_seq(3, max_tokens=4, output=0)]
+    seqs = _decoding(sched, [_seq(i) for i in range(3)] + [_seq(3, max_tokens=4, output=0)])
     for s in seqs:
-        s.ready, s.target, s.drafter, s.draft_synced = True, "target-0", "draft-0", 8
-    sched.running = seqs
+        s.draft_synced = 8
     for s in seqs[1:]:
         s.proposal = Proposal.chain([1, 2, 3])
     plan = sched.schedule()
@@ -205,11 +208,7 @@ def test_auto_continues_when_acceptance_is_high_and_drafting_is_memory_bound():
     # draft of K = 4 costs about one verify pass.
     model = CostModel(CostCurve(0.02, 0.0, 0.0001), DraftCost(0.0, 0.005, 0.0), sequential_draft=True)
     sched = Scheduler(SchedulerConfig(k=4, k_max=8, adaptive=False, max_model_len=256), model, pipelining="auto")
-    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
-    seqs = [_seq(i) for i in range(4)]
-    for s in seqs:
-        s.ready, s.target, s.drafter = True, "target-0", "draft-0"
-    sched.running = seqs
+    seqs = _decoding(sched, [_seq(i) for i in range(4)])
     sched.acceptance_prior = 0.95
     rates = sched._pipeline_rates(seqs, {s.request_id: 4 for s in seqs})
     assert max(rates, key=rates.get) == "continue"

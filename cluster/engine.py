@@ -186,9 +186,6 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        for task in plan.draft:  # drafts for the next step are in flight until their result arrives
-            if not task.now:
-                self._seq(task.seq_id).drafting = True
         result = self.executor.execute(plan)
         passes = self._pass_shapes(plan, result)  # before update: the contexts the passes saw
         deltas = self._update(plan, result)
@@ -229,8 +226,7 @@ class Engine:
             else:
                 seq.ready, seq.hidden = True, r.hidden
                 deltas.append(self._emit(seq, [r.token], r.logprobs))
-        drafted = [t for t in plan.draft]
-        for task in drafted:
+        for task in plan.draft:
             seq = self._seq(task.seq_id)
             if seq is None:
                 continue
@@ -238,10 +234,10 @@ class Engine:
             if proposal is not None:
                 seq.draft_synced = task.start + len(task.new_tokens)
                 if not task.now:
-                    seq.proposal, seq.drafting = proposal, False
+                    seq.proposal = proposal
             elif task.seq_id in result.draft_failed or task.now:
-                seq.draft_synced, seq.drafting = 0, False
-        self._count_draft_failures(drafted, result)
+                seq.draft_synced = 0
+        self._count_draft_failures(plan.draft, result)
         for task in plan.verify:
             seq = self._seq(task.seq_id)
             v = result.verdicts.get(task.seq_id)
@@ -261,7 +257,7 @@ class Engine:
             nxt = continuation(seq.tokens, task, drafted) if seq is not None and seq.proposal is None else None
             self.metrics.continued.labels("used" if nxt is not None else "dropped").inc()
             if nxt is not None:
-                seq.proposal, seq.drafting = nxt, False
+                seq.proposal = nxt
                 seq.draft_synced = task.start + len(task.new_tokens)
         self._retire()
         return deltas

@@ -45,7 +45,6 @@ class Sequence:
     ready: bool = False  # prefilled: its pending token is known
     resume: bool = False  # its target died: re-prefill elsewhere from the tokens emitted so far
     proposal: Proposal | None = None  # drafted for the next step (pipelining)
-    drafting: bool = False  # a draft for it is in flight beside a verify
     draft_synced: int = 0  # tokens its draft worker has been sent
     last_accepted: int | None = None  # accepted nodes of its last proposal (the drafter's feedback)
     hidden: object = None  # the target's hidden state behind its pending token (for drafters that read it)

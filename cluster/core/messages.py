@@ -94,7 +94,7 @@ class Proposal:
             if p == parent:
                 nodes.append(i)
                 parent = i
-        return Proposal.chain([self.tokens[i] for i in nodes], self._q_of(nodes))
+        return Proposal.chain([self.tokens[i] for i in nodes], self.q_of(nodes))
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for children of the root."""
@@ -114,9 +114,9 @@ class Proposal:
         """The first `budget` nodes (a valid tree: parents come first)."""
         if budget >= len(self.tokens):
             return self
-        return Proposal(self.tokens[:budget], self.parents[:budget], self._q_of(slice(0, budget)))
+        return Proposal(self.tokens[:budget], self.parents[:budget], self.q_of(slice(0, budget)))
 
-    def _q_of(self, nodes):
+    def q_of(self, nodes):
         """q of these nodes (a slice or a list), in the form it came in: SparseQ stays compact."""
         if self.q is None:
             return None
@@ -200,7 +200,7 @@ def continuation(tokens: list[int], task: DraftTask, proposal: Proposal) -> Prop
         return None
     if tokens[task.start:end] != task.new_tokens or tokens[end] != proposal.tokens[0]:
         return None
-    return Proposal.chain(proposal.tokens[1:], proposal._q_of(slice(1, None)))
+    return Proposal.chain(proposal.tokens[1:], proposal.q_of(slice(1, None)))
 
 
 @dataclass

@@ -103,8 +103,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="start each variant's actors only for its own runs (models too large to hold every "
                              "variant at once; no order rotation then)")
-    parser.add_argument("--pipelining", default="auto", choices=("auto", "split", "continue"),
-                        help="the pipelined row's mode with --devices 2 (auto: the cost model picks per step)")
+    parser.add_argument("--pipelining", nargs="+", default=["auto"], choices=("auto", "split", "continue"),
+                        help="with --devices 2, one pipelined row per mode given (auto: the cost model picks per "
+                             "step), against the same k0, colocated and unpipelined rows")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -120,8 +121,8 @@ def main(argv=None) -> dict:
     # name -> (k, pin target/draft to disjoint cores, pipelining)
     if args.devices == 2:
         variants = {"k0": (0, True, "off"), "colocated": (config.speculation.k, False, "auto"),
-                    "unpipelined": (config.speculation.k, True, "off"),
-                    "pipelined": (config.speculation.k, True, args.pipelining)}
+                    "unpipelined": (config.speculation.k, True, "off")}
+        variants |= {f"pipelined/{mode}": (config.speculation.k, True, mode) for mode in dict.fromkeys(args.pipelining)}
     else:
         variants = {"speculative": (config.speculation.k, False, "auto"), "baseline": (0, False, "off")}
     resources = {}
@@ -194,9 +195,10 @@ def main(argv=None) -> dict:
         checks = {name: check(run["outputs"]) for name, run in runs.items()}
         if args.devices == 2:
             base = runs["k0"]
-            for mode in ("k0", "colocated", "unpipelined", "pipelined"):
-                run = runs[mode]
-                rows.append({"concurrency": n, "mode": mode, "tokens_per_s": round(run["tokens_per_s"], 2),
+            for name in variants:
+                run, (mode, _, pipelining) = runs[name], (name.split("/")[0], *variants[name][1:])
+                rows.append({"concurrency": n, "mode": mode, "pipelining": pipelining,
+                             "tokens_per_s": round(run["tokens_per_s"], 2),
                              "vs_k0": round(run["tokens_per_s"] / base["tokens_per_s"], 3),
                              "target_utilization": round(run["target_utilization"], 3),
                              "bytes_per_step": run["bytes_per_step"], "step_time_error": round(run["step_time_error"], 3),
@@ -204,9 +206,10 @@ def main(argv=None) -> dict:
                              "p99_ttft_ms": round(1000 * pct(run["ttft"], 0.99), 1),
                              "p50_tpot_ms": round(1000 * pct(run["tpot"], 0.5), 1),
                              "p99_tpot_ms": round(1000 * pct(run["tpot"], 0.99), 1),
-                             "failed_requests": run["failed"], "exact": checks[mode]["exact"],
+                             "failed_requests": run["failed"], "exact": checks[name]["exact"],
                              "identical_to_k0": run["outputs"] == base["outputs"],
-                             "near_tie_rate": checks[mode]["near_tie_rate"]})
+                             "near_tie_rate": checks[name]["near_tie_rate"],
+                             **({"router": stats[name]} if mode == "pipelined" else {})})
             continue
         spec, base = runs["speculative"], runs["baseline"]
         rows.append({
@@ -232,11 +235,11 @@ def main(argv=None) -> dict:
         })
     result = {"target": config.target.path.rsplit("/", 1)[-1], "drafter": config.drafter.kind, "devices": args.devices,
               "adaptive": config.speculation.adaptive, "max_tokens": args.max_tokens,
-              **stats["pipelined" if args.devices == 2 else "speculative"],
+              **stats[next(n for n in variants if n.startswith("pipelined")) if args.devices == 2 else "speculative"],
               "median_step_time_error": round(statistics.median([r["step_time_error"] for r in rows]), 3),
               "rows": rows}
     ray.shutdown()
-    cols = (["concurrency", "mode", "tokens_per_s", "vs_k0", "target_utilization", "bytes_per_step", "p50_ttft_ms",
+    cols = (["concurrency", "mode", "pipelining", "tokens_per_s", "vs_k0", "target_utilization", "bytes_per_step", "p50_ttft_ms",
              "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "failed_requests", "exact"] if args.devices == 2 else
             ["concurrency", "tokens_per_s", "tokens_per_s_baseline", "speedup", "target_utilization", "step_time_error",
              "bytes_per_step", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "failed_requests", "exact",

@@ -183,7 +183,7 @@ class Engine:
             self.scheduler.worker_lost(worker)  # left the pool (scaled away, or replaced by another router)
         self.scheduler.targets = targets
         self.scheduler.drafters = drafters if self.drafting else {}
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(frozenset(self.executor.pending_drafts()))
         if plan.empty:
             return []
         result = self.executor.execute(plan)

@@ -84,7 +84,8 @@ class Scheduler:
         return best
 
     # --- the plan ----------------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, in_flight: frozenset[str] = frozenset()) -> StepPlan:
+        """`in_flight`: requests whose drafts from an earlier step are still running (the executor's)."""
         plan = StepPlan()
         self._admit(plan)
         self._assign_drafters()
@@ -103,12 +104,15 @@ class Scheduler:
             ks = self._probe(ks, alphas, caps)
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
-        fresh = [s for s in decode if s.proposal is None]
+        # Drafted for this step and still running: verified now with that draft (the executor waits for
+        # it), never drafted a second time.
+        coming = [s for s in decode if s.proposal is None and s.request_id in in_flight]
+        fresh = [s for s in decode if s.proposal is None and s.request_id not in in_flight]
         mode = self._pipeline(decode, budgets)
         if mode != "flat":
-            group = held or fresh[: (len(fresh) + 1) // 2]
-            later = [s for s in decode if s not in group]
-            self._verify(plan, group, budgets, now=[s for s in group if s.proposal is None])
+            group = held + coming or fresh[: (len(fresh) + 1) // 2]
+            later = [s for s in fresh if s not in group]
+            self._verify(plan, group, budgets, now=[s for s in group if s in fresh])
             plan.draft += [self._draft_task(s, budgets[s.request_id], now=False) for s in later
                            if budgets[s.request_id] > 0]
             if mode == "continue":

@@ -48,6 +48,10 @@ class LocalExecutor:
                 result.verdicts[task.seq_id] = v
         return result
 
+    def pending_drafts(self) -> set[str]:
+        """Drafts run inside the step here: none outlives it."""
+        return set()
+
     def release(self, seq_id: str, target: str | None, drafter: str | None) -> None:
         if target in self.targets:
             self.targets[target].release([seq_id])

@@ -299,7 +299,7 @@ def test_a_dead_draft_workers_requests_draft_on_another_worker_at_the_next_step(
         router.wait_ready()
         plans, results = [], []
         schedule, execute = router.scheduler.schedule, router.executor.execute
-        router.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+        router.scheduler.schedule = lambda *a, **kw: plans.append(schedule(*a, **kw)) or plans[-1]
         router.executor.execute = lambda plan: results.append(execute(plan)) or results[-1]
         victim = next(iter(router.drafts.handles))
         outputs = _generate_with_fault(router, lambda: ray.kill(router.drafts.handles[victim]), params=params)

@@ -203,6 +203,27 @@ def test_continue_mode_drafts_on_from_held_proposals():
     assert not any(t.continues for t in sched.schedule().draft)
 
 
+def test_a_draft_still_in_flight_is_verified_when_it_lands_never_drafted_again():
+    """A draft made beside last step's verify may still be running when this step is scheduled. Its request
+    is verified this step with that draft (the executor waits for it), and is not drafted a second time:
+    before this, the same half kept being verified and the other half re-drafted, step after step."""
+    for mode in ("split", "continue"):
+        sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining=mode)
+        seqs = _decoding(sched, [_seq(i) for i in range(4)])
+        first = sched.schedule()
+        now = {t.seq_id for t in first.draft if t.now}
+        later = {t.seq_id for t in first.draft if not t.now}
+        assert {v.seq_id for v in first.verify} == now and len(later) == 2
+        plan = sched.schedule(in_flight=frozenset(later))  # the later drafts have not landed yet
+        assert {v.seq_id for v in plan.verify} == later
+        assert all(v.proposal is None for v in plan.verify)  # the one in flight
+        assert {t.seq_id for t in plan.draft} == now and not any(t.now for t in plan.draft)
+        sched.pipelining = "off"
+        flat = sched.schedule(in_flight=frozenset(later))
+        assert {v.seq_id for v in flat.verify} == {s.request_id for s in seqs}
+        assert {t.seq_id for t in flat.draft} == now  # drafted now; the others' drafts are on their way
+
+
 def test_auto_continues_when_acceptance_is_high_and_drafting_is_memory_bound():
     # Memory-bound (a GPU): a pass costs the same for a few tokens as for one; so does a draft step, and a
     # draft of K = 4 costs about one verify pass.

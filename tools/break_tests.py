@@ -130,6 +130,11 @@ BREAKAGES = [
              "    if tokens[task.start:end] != task.new_tokens or tokens[end] != proposal.tokens[0]:\n",
              "    if tokens[task.start:end] != task.new_tokens:\n",
              ("tests/unit/test_cost_model.py::test_a_continuation_holds_only_on_the_tokens_it_assumed",)),
+    Breakage("in-flight-drafts-ignored", "a request whose draft is still running is drafted again",
+             "cluster/core/scheduler.py",
+             "        coming = [s for s in decode if s.proposal is None and s.request_id in in_flight]\n",
+             "        coming, in_flight = [], ()\n",
+             ("tests/unit/test_cost_model.py::test_a_draft_still_in_flight_is_verified_when_it_lands_never_drafted_again",)),
 ]
 
 

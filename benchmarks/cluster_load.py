@@ -196,8 +196,8 @@ def main(argv=None) -> dict:
         if args.devices == 2:
             base = runs["k0"]
             for name in variants:
-                run, (mode, _, pipelining) = runs[name], (name.split("/")[0], *variants[name][1:])
-                rows.append({"concurrency": n, "mode": mode, "pipelining": pipelining,
+                run, mode = runs[name], name.split("/")[0]
+                rows.append({"concurrency": n, "mode": mode, "pipelining": variants[name][2],
                              "tokens_per_s": round(run["tokens_per_s"], 2),
                              "vs_k0": round(run["tokens_per_s"] / base["tokens_per_s"], 3),
                              "target_utilization": round(run["target_utilization"], 3),

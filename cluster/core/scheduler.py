@@ -110,9 +110,10 @@ class Scheduler:
         fresh = [s for s in decode if s.proposal is None and s.request_id not in in_flight]
         mode = self._pipeline(decode, budgets)
         if mode != "flat":
-            group = held + coming or fresh[: (len(fresh) + 1) // 2]
-            later = [s for s in fresh if s not in group]
-            self._verify(plan, group, budgets, now=[s for s in group if s in fresh])
+            # Verify those whose drafts exist or are on their way; with none, half the fresh ones draft now.
+            split = 0 if held or coming else (len(fresh) + 1) // 2
+            group, later = held + coming + fresh[:split], fresh[split:]
+            self._verify(plan, group, budgets, now=fresh[:split])
             plan.draft += [self._draft_task(s, budgets[s.request_id], now=False) for s in later
                            if budgets[s.request_id] > 0]
             if mode == "continue":

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cluster.models.flash_store import BundleLayout, aligned_buffer, drop_from_page_cache
+from cluster.models.token_order import token_order
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -91,19 +92,6 @@ def hotness(source: Path, tokens: int, dtype: torch.dtype, window: int = 512) ->
         h.remove()
     del model
     return [s / len(ids) for s in sums]
-
-
-def token_order(tokenizer, vocab: int, tokens: int) -> torch.Tensor:
-    """Token ids by frequency in stdlib sources, most frequent first (ids never seen keep their order)."""
-    counts = torch.zeros(vocab, dtype=torch.long)
-    seen = 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        ids = torch.tensor(tokenizer(path.read_text(errors="replace"))["input_ids"], dtype=torch.long)
-        counts += torch.bincount(ids[ids < vocab], minlength=vocab)
-        seen += len(ids)
-        if seen >= tokens:
-            break
-    return torch.argsort(counts, descending=True, stable=True)
 
 
 def bundle(source: Path, dest: Path, dtype: str = "bfloat16", calibration_tokens: int = 4096,

@@ -7,8 +7,8 @@ One `schedule()` call returns a StepPlan:
   1. admit waiting requests (and those moved off a dead worker) to the least-loaded live target;
   2. choose draft budgets with the cost model (or fixed K), bounded by what each request may still emit;
   3. where drafts can run beside verification (separate draft workers) and the cost model predicts it
-     pays, verify the requests that already hold a proposal while their drafters draft on from those
-     proposals' ends, and the others draft for the next step.
+     pays, either verify every request while its drafter drafts on from the end of its proposal
+     (continue), or verify one group while the other drafts (split).
 """
 
 from __future__ import annotations
@@ -109,15 +109,19 @@ class Scheduler:
         coming = [s for s in decode if s.proposal is None and s.request_id in in_flight]
         fresh = [s for s in decode if s.proposal is None and s.request_id not in in_flight]
         mode = self._pipeline(decode, budgets)
-        if mode != "flat":
+        if mode == "continue":
+            # Everyone is verified: with the proposal it holds, the one on its way, or none (one token, a
+            # row a memory-bound pass carries for free); and drafts on from there for the next step.
+            self._verify(plan, held + coming + fresh, budgets, now=[])
+            plan.draft += [t for t in (self._continue_task(s, budgets[s.request_id]) for s in held + fresh) if t]
+            plan.pipelined = True
+        elif mode == "split":
             # Verify those whose drafts exist or are on their way; with none, half the fresh ones draft now.
             split = 0 if held or coming else (len(fresh) + 1) // 2
             group, later = held + coming + fresh[:split], fresh[split:]
             self._verify(plan, group, budgets, now=fresh[:split])
             plan.draft += [self._draft_task(s, budgets[s.request_id], now=False) for s in later
                            if budgets[s.request_id] > 0]
-            if mode == "continue":
-                plan.draft += [t for t in (self._continue_task(s, budgets[s.request_id]) for s in group) if t]
             plan.pipelined = True
         else:
             self._verify(plan, decode, budgets, now=fresh)
@@ -175,18 +179,20 @@ class Scheduler:
                          seq.params, seq.seed, seq.num_prompt, now, seq.last_accepted, seq.hidden)
 
     def _continue_task(self, seq, budget: int) -> DraftTask | None:
-        """While a held proposal is verified, its drafter drafts on from the proposal's end (node 0 guesses
-        the target's next token): if all of it is accepted and the guess is right, the request holds its
-        next proposal when this step ends, and the other group is not needed to keep the target busy."""
+        """While a request is verified, its drafter drafts on from the end of the proposal it holds (or from
+        its tokens, when it holds none): node 0 guesses the target's next token. If all of the proposal is
+        accepted and the guess is right, the request holds its next proposal when this step ends, so the
+        drafter works while the target verifies, for the whole batch."""
         p = seq.proposal
-        if p is None or not len(p) or not p.is_chain or self.config.want_hidden:
+        if budget <= 0 or (p is not None and not p.is_chain) or self.config.want_hidden:
             return None
-        budget = min(budget, self.cap(seq, ahead=len(p) + 1))
+        drafted = p.tokens if p is not None else []
+        budget = min(budget, self.cap(seq, ahead=len(drafted) + 1))
         if budget <= 0:
             return None
         # The proposal's tokens ride along; feedback and hidden state belong to the verify not yet known.
         task = self._draft_task(seq, budget + 1, now=False)
-        return replace(task, new_tokens=task.new_tokens + p.tokens, last_accepted=None, hidden=None, continues=True)
+        return replace(task, new_tokens=task.new_tokens + drafted, last_accepted=None, hidden=None, continues=True)
 
     def _verify(self, plan: StepPlan, group: list, budgets: dict, now: list) -> None:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]
@@ -195,13 +201,19 @@ class Scheduler:
     def _pipeline(self, decode: list, budgets: dict) -> str:
         """flat (everyone drafts, then everyone is verified), split (one group verifies while the other
         drafts) or continue (split, and the verified group's drafters draft on from their proposals)."""
-        if self.pipelining == "off" or len(decode) < 2 or not any(budgets.values()):
+        if self.pipelining == "off" or not any(budgets.values()):
             return "flat"
-        if self.pipelining in ("split", "continue"):  # forced (tests that prove each path)
-            return self.pipelining
-        if self.cost is None:
-            return "flat"
+        if self.pipelining == "continue":  # forced (tests that prove each path); one request continues too
+            return "continue"
+        if len(decode) < 2:  # nothing to split
+            return "flat" if self.pipelining == "split" or self.cost is None else self._best(decode, budgets, "split")
+        if self.pipelining == "split":
+            return "split"
+        return "flat" if self.cost is None else self._best(decode, budgets)
+
+    def _best(self, decode: list, budgets: dict, without: str = "") -> str:
         rates = self._pipeline_rates(decode, budgets)
+        rates.pop(without, None)
         return max(rates, key=rates.get)
 
     def _pipeline_rates(self, decode: list, budgets: dict) -> dict[str, float]:
@@ -209,11 +221,11 @@ class Scheduler:
         flat: a step costs draft + verify of everyone.
         split: one half verifies while the other drafts on its own workers: max(verify one half, draft
           the other) for half the tokens (on a memory-bound drafter half a batch drafts no faster).
-        continue: the requests holding proposals are verified while their drafters draft on from the
-          proposals' ends, one node more (the guess of the target's next token): max(verify, draft) for
-          everyone. A continuation holds with probability alpha^(k+1); a request whose continuation
-          fails drafts beside the next verify and misses it, so it is verified once per 2 - alpha^(k+1)
-          steps."""
+        continue: everyone is verified while its drafter drafts on from the end of its proposal, one node
+          more (the guess of the target's next token): max(verify, draft) for everyone. A request holding
+          a proposal holds the next one with probability s = alpha^(k+1) (all accepted, guess right); one
+          without emits one token and holds a proposal next step with probability alpha (the guess). Of
+          that two-state chain a request holds a proposal alpha / (alpha + 1 - s) of its steps."""
         ks = [budgets[s.request_id] for s in decode]
         alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
         contexts = [context(s) for s in decode]
@@ -223,7 +235,8 @@ class Scheduler:
         _, verify_half, _ = self.cost.step_seconds(ks[:half], contexts[:half])
         split = self.cost.timer.predict(max(verify_half, self.cost.draft_seconds(ks[half:])), 0.0)
         piped = self.cost.timer.predict(max(verify, self.cost.draft_seconds([k + 1 for k in ks if k])), 0.0)
-        held = sum(t / (2 - a ** (k + 1)) if k else t for t, a, k in zip(tokens, alphas, ks))
+        holds = [a / (a + 1 - a ** (k + 1)) if k else 0.0 for a, k in zip(alphas, ks)]
+        held = sum(h * t + (1 - h) for h, t in zip(holds, tokens))
         return {"flat": sum(tokens) / max(flat, 1e-12), "split": sum(tokens[:half]) / max(split, 1e-12),
                 "continue": held / max(piped, 1e-12)}
 

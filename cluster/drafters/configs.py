@@ -24,11 +24,18 @@ class ModelDrafterConfig(ModelConfig):
     """A small causal LM sharing the target's tokenizer."""
 
     confidence_threshold: float = 0.0  # stop a draft after a token the draft gives less than this
+    # Draft over this many most frequent tokens only (FR-Spec; ranked on Python stdlib sources, plus the
+    # end-of-sequence ids); 0: the whole vocabulary. Output is exact either way; the head costs less.
+    vocab: int = 0
 
     def validate(self, key: str, check_paths: bool = True) -> None:
         ModelConfig.validate(self, key)
         if not 0.0 <= self.confidence_threshold < 1.0:
             raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
+        if self.vocab < 0:
+            raise ConfigError(f"{key}.vocab: must be >= 0")
+        if self.vocab and self.backend == "hf":
+            raise ConfigError(f"{key}.vocab: a reduced head needs the lean backend (backend auto or lean)")
         if check_paths:
             check_model_dir(key, self)
 

@@ -72,6 +72,14 @@ def build(section, context) -> ModelDrafter:
     backend = build_backend(load_model(section, context.device), section, context.num_slots, context.capacity)
     if backend.vocab_size != context.target_vocab:
         raise ValueError(f"drafter.model: vocabulary {backend.vocab_size} != target's {context.target_vocab}")
+    if 0 < section.vocab < backend.vocab_size:
+        from cluster.models.lean import LeanBackend
+        from cluster.models.token_order import frequent_ids
+
+        if not isinstance(backend, LeanBackend):
+            raise ValueError(f"drafter.model.vocab: a reduced head needs the lean backend, not {backend.name}")
+        ids = frequent_ids(section.path, backend.vocab_size, section.vocab, context.eos_ids)
+        backend.restrict_head(ids, backend.head.weight[ids.to(backend.device)].contiguous())
     return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)
 
 

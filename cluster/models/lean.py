@@ -57,6 +57,15 @@ class LeanBackend(HFBackend):
         self.layers = model._lean_layers[:num_layers]
         if num_layers is not None:
             self.name = f"lean-first-{len(self.layers)}"
+        self.head_ids, self.head_rows = None, self.head.weight  # all of the vocabulary, in id order
+
+    def restrict_head(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Logits for token ids `ids` only, from head rows `rows` (rows[i] is token ids[i]'s); the others
+        get -inf, so they are never drafted. A draft's frequency-ranked vocabulary (FR-Spec): a small
+        draft reads its whole head every step, a quarter of a 0.5B's weights."""
+        if len(ids) != len(rows) or len(ids) > self.vocab_size:
+            raise ValueError(f"head: {len(ids)} ids for {len(rows)} rows of a {self.vocab_size}-token vocabulary")
+        self.head_ids, self.head_rows = ids.to(self.device), rows
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """HF's RMSNorm (normalise in fp32, cast, then scale), in one fused call."""
@@ -123,7 +132,11 @@ class LeanBackend(HFBackend):
 
     def _head(self, out: torch.Tensor) -> torch.Tensor:
         """[N, H] final hidden states -> [N, V] float32 logits."""
-        return _linear(out, self.head.weight).float()
+        logits = _linear(out, self.head_rows).float()
+        if self.head_ids is None:
+            return logits
+        full = logits.new_full((out.shape[0], self.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.head_ids, logits)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cluster.core.cost_model import CostCurve
 from cluster.models.backend import Row
 from cluster.models.flash_store import BundleLayout, EmbeddingRows, FlashReader, aligned_buffer, runs
-from cluster.models.lean import LeanBackend, _linear
+from cluster.models.lean import LeanBackend
 
 log = logging.getLogger(__name__)
 
@@ -233,16 +233,11 @@ class SparseDraftBackend(LeanBackend):
         if self.neurons.decay == 1.0:
             self.neurons.decay = WINDOW_DECAY
         self._embed = target._embed  # the same rows, resident or read on demand
-        self.order = target.vocab_order
-        self.vocab = vocab if self.order is not None and 0 < vocab < len(self.order) else 0
-
-    def _head(self, out: torch.Tensor) -> torch.Tensor:
-        if self.order is None:
-            return super()._head(out)
-        rows = self.head.weight[: self.vocab] if self.vocab else self.head.weight
-        sub = _linear(out, rows).float()
-        logits = sub.new_full((out.shape[0], len(self.order)), float("-inf"))
-        return logits.index_copy_(1, self.order[: sub.shape[1]], sub)
+        order = target.vocab_order
+        self.vocab = vocab if order is not None and 0 < vocab < len(order) else 0
+        if order is not None:  # the head's rows are stored in `order`: a prefix of them, no copy
+            n = self.vocab or len(order)
+            self.restrict_head(order[:n], self.head.weight[:n])
 
     def _ffn(self, li, h, gate_up, down, g):
         rows = self.neurons.rows[li]

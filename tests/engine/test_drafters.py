@@ -2,6 +2,7 @@
 target-only token for token (the coupled rule), and each kind's own mechanics."""
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.config import DrafterConfig
@@ -11,6 +12,7 @@ from cluster.drafters.configs import HeadsConfig, LayerSkipConfig, MultiConfig, 
 from cluster.drafters.multi import merge
 from cluster.drafters.suffix import SuffixDrafter
 from cluster.engine import SpecEngine
+from cluster.models.backend import Row
 from cluster.types import SamplingParams
 from tests.engine.test_sampling_positions import check_positions
 
@@ -160,3 +162,50 @@ def test_heads_trees_keep_the_distribution_under_the_rejection_rule(make_engine,
     pvalues = check_positions(engine, engine.tokenizer, hf_target, dict(temperature=1.0), seeds=range(2500))
     assert (pvalues > 1e-4).all(), pvalues
     assert engine.stats.accepted > 0
+
+
+def test_a_frequency_ranked_draft_head_drafts_only_its_tokens_and_stays_exact(make_engine, tiny_models, target_only):
+    """drafter.model.vocab (FR-Spec): the draft's head keeps the most frequent tokens; the others get -inf,
+    so they are never drafted, and output stays the target's, greedy and sampled."""
+    from tests.conftest import drafter_config
+
+    base = make_engine("ngram", k=4)
+    config = base.config
+    config.drafter = drafter_config(tiny_models, "model", "draft_noisy")
+    config.drafter.section.vocab = 96
+    engine = SpecEngine(config.validate(check_paths=False), tokenizer=base.tokenizer, target=base.target)
+    ids = engine.drafter.drafter.backend.head_ids
+    assert len(ids) == 96 + 1 and base.tokenizer.eos_token_id in ids.tolist()  # the 96, and the end of text
+    config.drafter = drafter_config(tiny_models, "model", "draft_noisy")  # the same draft, every token
+    whole = SpecEngine(config.validate(check_paths=False), tokenizer=base.tokenizer, target=base.target)
+    assert whole.drafter.drafter.backend.head_ids is None
+    prompt = base.tokenizer.encode("def add(a, b):")
+    reduced, full = (_last_logits(e.drafter.drafter.backend, prompt) for e in (engine, whole))
+    kept = torch.zeros(len(full), dtype=torch.bool)
+    kept[ids] = True
+    assert torch.isinf(reduced[~kept]).all() and torch.allclose(reduced[kept], full[kept], atol=1e-5)
+    drafted: list[int] = []
+    propose = engine.drafter.drafter.propose
+
+    def recording(batch):
+        proposals = propose(batch)
+        drafted.extend(t for p in proposals for t in p.tokens)
+        return proposals
+
+    engine.drafter.drafter.propose = recording
+    greedy = SamplingParams(max_tokens=32)
+    assert [o.token_ids for o in engine.generate(PROMPTS, greedy)] == \
+        [o.token_ids for o in target_only.generate(PROMPTS, greedy)]
+    sampled = [SamplingParams(max_tokens=32, temperature=0.9, seed=i) for i in range(len(PROMPTS))]
+    assert [o.token_ids for o in engine.generate(PROMPTS, sampled)] == \
+        [o.token_ids for o in target_only.generate(PROMPTS, sampled)]
+    assert drafted and set(drafted) <= set(ids.tolist())
+    assert engine.stats.accepted > 0
+
+
+def _last_logits(backend, tokens: list[int]) -> torch.Tensor:
+    slot = backend.cache.allocate()
+    try:
+        return backend.forward([Row(slot, tokens)], last_only=True).logits[-1]
+    finally:
+        backend.cache.free(slot)

@@ -192,36 +192,48 @@ def test_continue_mode_drafts_on_from_held_proposals():
     for s in seqs[1:]:
         s.proposal = Proposal.chain([1, 2, 3])
     plan = sched.schedule()
-    assert plan.pipelined and {v.seq_id for v in plan.verify} == {"r1", "r2", "r3"}
+    # Everyone is verified: r0 without a proposal (one token), beside everyone's drafting
+    assert plan.pipelined and {v.seq_id for v in plan.verify} == {"r0", "r1", "r2", "r3"}
+    assert not any(t.now for t in plan.draft)  # the verify waits for no draft
     tasks = {t.seq_id: t for t in plan.draft}
-    assert not tasks["r0"].continues and not tasks["r0"].now  # no proposal: drafts beside the verify
     for seq_id in ("r1", "r2"):  # node 0 guesses the token after the proposal, then K more
         t = tasks[seq_id]
         assert t.continues and t.budget == 4 and t.start == 8 and t.new_tokens == [8, 9, 1, 2, 3]
+    # no proposal: it drafts on from its own tokens, node 0 guessing the token this verify emits
+    assert tasks["r0"].continues and tasks["r0"].budget == 4 and tasks["r0"].new_tokens == [8, 9]
     assert "r3" not in tasks  # 4 tokens at most: the proposal and its bonus use them all
+    one = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="continue")
+    lone = _decoding(one, [_seq(0)])
+    plan = one.schedule()  # a single request continues too: it has no other group to wait for
+    assert plan.pipelined and [t.continues for t in plan.draft] == [True] and plan.verify[0].seq_id == "r0"
     sched.pipelining = "split"
     assert not any(t.continues for t in sched.schedule().draft)
+    one.pipelining = "split"
+    assert not one.schedule().pipelined and lone[0].proposal is None  # one request: nothing to split
 
 
 def test_a_draft_still_in_flight_is_verified_when_it_lands_never_drafted_again():
     """A draft made beside last step's verify may still be running when this step is scheduled. Its request
     is verified this step with that draft (the executor waits for it), and is not drafted a second time:
     before this, the same half kept being verified and the other half re-drafted, step after step."""
-    for mode in ("split", "continue"):
-        sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining=mode)
-        seqs = _decoding(sched, [_seq(i) for i in range(4)])
-        first = sched.schedule()
-        now = {t.seq_id for t in first.draft if t.now}
-        later = {t.seq_id for t in first.draft if not t.now}
-        assert {v.seq_id for v in first.verify} == now and len(later) == 2
-        plan = sched.schedule(in_flight=frozenset(later))  # the later drafts have not landed yet
-        assert {v.seq_id for v in plan.verify} == later
-        assert all(v.proposal is None for v in plan.verify)  # the one in flight
-        assert {t.seq_id for t in plan.draft} == now and not any(t.now for t in plan.draft)
-        sched.pipelining = "off"
-        flat = sched.schedule(in_flight=frozenset(later))
-        assert {v.seq_id for v in flat.verify} == {s.request_id for s in seqs}
-        assert {t.seq_id for t in flat.draft} == now  # drafted now; the others' drafts are on their way
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="split")
+    seqs = _decoding(sched, [_seq(i) for i in range(4)])
+    first = sched.schedule()
+    now = {t.seq_id for t in first.draft if t.now}
+    later = {t.seq_id for t in first.draft if not t.now}
+    assert {v.seq_id for v in first.verify} == now and len(later) == 2
+    plan = sched.schedule(in_flight=frozenset(later))  # the later drafts have not landed yet
+    assert {v.seq_id for v in plan.verify} == later
+    assert all(v.proposal is None for v in plan.verify)  # the one in flight
+    assert {t.seq_id for t in plan.draft} == now and not any(t.now for t in plan.draft)
+    sched.pipelining = "continue"  # verified with it too, and no continuation from a draft not yet seen
+    plan = sched.schedule(in_flight=frozenset(later))
+    assert {v.seq_id for v in plan.verify} == {s.request_id for s in seqs}
+    assert {t.seq_id for t in plan.draft} == now and all(t.continues for t in plan.draft)
+    sched.pipelining = "off"
+    flat = sched.schedule(in_flight=frozenset(later))
+    assert {v.seq_id for v in flat.verify} == {s.request_id for s in seqs}
+    assert {t.seq_id for t in flat.draft} == now  # drafted now; the others' drafts are on their way
 
 
 def test_auto_continues_when_acceptance_is_high_and_drafting_is_memory_bound():
@@ -234,9 +246,10 @@ def test_auto_continues_when_acceptance_is_high_and_drafting_is_memory_bound():
     rates = sched._pipeline_rates(seqs, {s.request_id: 4 for s in seqs})
     assert max(rates, key=rates.get) == "continue"
     assert rates["split"] < 1.01 * rates["flat"]  # half a batch drafts no faster: splitting alone gains nothing
-    sched.acceptance_prior = 0.3  # continuations seldom hold: drafting for them is mostly waste
-    rates = sched._pipeline_rates(seqs, {s.request_id: 4 for s in seqs})
-    assert rates["continue"] < rates["flat"]
+    sched.acceptance_prior = 0.3  # continuations seldom hold: a step emits little more than one token a
+    rates = sched._pipeline_rates(seqs, {s.request_id: 4 for s in seqs})  # request, and waits on the draft
+    plain = sched._pipeline_rates(seqs, {s.request_id: 0 for s in seqs})["flat"]
+    assert rates["continue"] < plain and rates["continue"] > rates["flat"]  # no draft: better; flat: worse
 
 
 def test_a_marginal_gain_is_not_taken():

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cluster.config import EngineConfig
-from cluster.core.cost_model import CostCurve, CostModel, DraftCost
+from cluster.core.cost_model import CostCurve, CostModel
 from cluster.core.messages import StepPlan, Verdict, continuation
 from cluster.core.scheduler import Scheduler, SchedulerConfig, context
 from cluster.errors import EngineOverloadedError, InvalidRequestError
@@ -68,7 +68,7 @@ class Engine:
         max_chars = limits.max_prompt_chars or self.max_model_len * longest_token_chars(tokenizer)
         self.requests = RequestBuilder(tokenizer, request_limits, self.max_model_len, max_chars)
         self.output = OutputProcessor(self.eos_ids, self.max_model_len)
-        cost = CostModel(verify_curve, DraftCost(), sequential_draft) if verify_curve is not None else None
+        cost = CostModel(verify_curve, sequential_draft=sequential_draft) if verify_curve is not None else None
         from cluster.drafters.registry import DRAFTERS
 
         reads_hidden = spec.k > 0 and any(DRAFTERS[k].reads_hidden for k in config.drafter.kinds_in_use())

@@ -252,6 +252,39 @@ def test_auto_continues_when_acceptance_is_high_and_drafting_is_memory_bound():
     assert rates["continue"] < plain and rates["continue"] > rates["flat"]  # no draft: better; flat: worse
 
 
+def test_a_model_drafters_cost_grows_with_its_steps_before_and_after_timing():
+    model, lookup = CostModel(CostCurve(0.02, 0.0, 0.0), sequential_draft=True), CostModel(CostCurve(0.02, 0.0, 0.0))
+    assert 1.4 < model.draft_seconds([6]) / model.draft_seconds([4]) < 1.6  # a forward a step
+    assert lookup.draft_seconds([6]) / lookup.draft_seconds([4]) < 1.2  # one call, a little per node
+    for _ in range(10):
+        model.draft.observe(5, 20, 0.65)  # measured: 130 ms a step at 4 rows
+    assert model.draft_seconds([5] * 4) == pytest.approx(0.65, rel=0.01)
+    assert 1.4 < model.draft_seconds([6]) / model.draft_seconds([4]) < 1.6  # rescaled, same shape
+
+
+def test_continue_drafts_to_the_targets_pace_not_to_the_flat_choice():
+    # Memory-bound verify (0.02 s a pass, a little more per token) and a sequential drafter at 6 ms a step:
+    # a flat step pays draft + verify, a continue step only the larger of the two, so continue's best K
+    # is the longest draft (K + 1 steps with the guess) that still hides behind the pass.
+    model = CostModel(CostCurve(0.02, 0.0, 0.0001), DraftCost(0.0, 0.006, 0.0), sequential_draft=True)
+    sched = Scheduler(SchedulerConfig(k=4, k_max=8, adaptive=True, max_model_len=256), model, pipelining="continue")
+    seqs = _decoding(sched, [_seq(i) for i in range(4)])
+    sched.acceptance_prior = 0.9
+    flat = model.choose([0.9] * 4, [8] * 4).ks
+    plan = sched.schedule()
+    drafted = {t.budget - 1 for t in plan.draft}  # a continuation drafts budget + 1 nodes (node 0: the guess)
+    assert plan.pipelined and len(plan.draft) == 4 and len(drafted) == 1
+    k = drafted.pop()
+
+    def rate(j):
+        return sched._continue_rate(seqs, {s.request_id: j for s in seqs})
+
+    assert k < flat[0] and rate(k) == max(rate(j) for j in range(1, 9)) and rate(k) > 1.05 * rate(flat[0])
+    assert sched._pipeline_rates(seqs, {s.request_id: f for s, f in zip(seqs, flat)})["continue"] == rate(k)
+    sched.config.adaptive = False  # a fixed K is kept as asked, continue or not
+    assert {t.budget for t in sched.schedule().draft} == {5}
+
+
 def test_a_marginal_gain_is_not_taken():
     model = CostModel(CostCurve(0.05, 0.0, 0.004), DraftCost(0.0, 0.0, 0.0))
     assert model.choose([0.3], [8]).ks != [0]  # a small predicted gain

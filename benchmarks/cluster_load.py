@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -39,6 +40,7 @@ def drive(engine, prompts: list[str], streams: int, per_stream: int, max_tokens:
 
     busy_before = engine.executor.target_busy_s()
     steps_before = engine.timings.steps
+    spec_before = dataclasses.replace(engine.stats)
     engine.step_errors.clear()
     engine.executor.step_bytes.clear()
     start = time.perf_counter()
@@ -62,7 +64,11 @@ def drive(engine, prompts: list[str], streams: int, per_stream: int, max_tokens:
                     send()
     wall = time.perf_counter() - start
     busy = engine.executor.target_busy_s() - busy_before
+    passes, drafted, accepted = (getattr(engine.stats, f) - getattr(spec_before, f) for f in ("steps", "drafted", "accepted"))
     return {
+        # per request verified: drafts it carried, and tokens it emitted (accepted + the target's own)
+        "drafted_per_pass": round(drafted / max(passes, 1), 2), "tokens_per_pass": round(1 + accepted / max(passes, 1), 2),
+        "acceptance": round(accepted / max(drafted, 1), 3),
         "tokens_per_s": sum(len(t) for t in outputs.values()) / wall,
         "target_utilization": busy / (wall * len(engine.scheduler.targets)),
         "ttft": ttft, "tpot": tpot, "failed": failed,
@@ -202,6 +208,7 @@ def main(argv=None) -> dict:
                              "vs_k0": round(run["tokens_per_s"] / base["tokens_per_s"], 3),
                              "target_utilization": round(run["target_utilization"], 3),
                              "bytes_per_step": run["bytes_per_step"], "step_time_error": round(run["step_time_error"], 3),
+                             **{k: run[k] for k in ("drafted_per_pass", "tokens_per_pass", "acceptance")},
                              "p50_ttft_ms": round(1000 * pct(run["ttft"], 0.5), 1),
                              "p99_ttft_ms": round(1000 * pct(run["ttft"], 0.99), 1),
                              "p50_tpot_ms": round(1000 * pct(run["tpot"], 0.5), 1),
@@ -221,6 +228,7 @@ def main(argv=None) -> dict:
             "target_utilization_baseline": round(base["target_utilization"], 3),
             "step_time_error": round(spec["step_time_error"], 3),
             "bytes_per_step": spec["bytes_per_step"],
+            **{k: spec[k] for k in ("drafted_per_pass", "tokens_per_pass", "acceptance")},
             "p50_ttft_ms": round(1000 * pct(spec["ttft"], 0.5), 1),
             "p99_ttft_ms": round(1000 * pct(spec["ttft"], 0.99), 1),
             "p50_tpot_ms": round(1000 * pct(spec["tpot"], 0.5), 1),
@@ -239,7 +247,8 @@ def main(argv=None) -> dict:
               "median_step_time_error": round(statistics.median([r["step_time_error"] for r in rows]), 3),
               "rows": rows}
     ray.shutdown()
-    cols = (["concurrency", "mode", "pipelining", "tokens_per_s", "vs_k0", "target_utilization", "bytes_per_step", "p50_ttft_ms",
+    cols = (["concurrency", "mode", "pipelining", "tokens_per_s", "vs_k0", "target_utilization", "drafted_per_pass",
+             "tokens_per_pass", "bytes_per_step", "p50_ttft_ms",
              "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "failed_requests", "exact"] if args.devices == 2 else
             ["concurrency", "tokens_per_s", "tokens_per_s_baseline", "speedup", "target_utilization", "step_time_error",
              "bytes_per_step", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "failed_requests", "exact",

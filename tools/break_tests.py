@@ -62,7 +62,7 @@ BREAKAGES = [
              ("tests/unit/test_tree_rules.py::test_drafter_and_target_draws_composed_through_their_real_keys_keep_p"
               "[rejection]",)),
     Breakage("no-pipelining", "the router never pipelines", "cluster/core/scheduler.py",
-             '        if self.pipelining == "off" or not any(budgets.values()):\n',
+             '        if self.pipelining == "off" or not any(s.drafter is not None and self.cap(s) for s in decode):\n',
              "        if True:\n",
              ("tests/cluster/test_router.py::test_pipelining_overlaps_drafting_with_verification",)),
     Breakage("abort-noop", "abort() finds the request but does not finish it", "cluster/engine.py",

@@ -89,6 +89,7 @@ class Scheduler:
         plan = StepPlan()
         self._admit(plan)
         self._assign_drafters()
+        plan.draft += self._draft_beside_prefill(plan)
         decode = [s for s in self.running if s.ready and not s.finish_reason]
         if not decode:
             plan.predicted_s = self._predict(plan, [], {})
@@ -168,6 +169,16 @@ class Scheduler:
             plan.admit.append(Prefill(seq.request_id, target, list(seq.tokens), seq.num_prompt, seq.params, seq.seed,
                                       want_hidden=self.config.want_hidden))
 
+    def _draft_beside_prefill(self, plan: StepPlan) -> list[DraftTask]:
+        """Where drafts run on their own workers, a new request's drafter reads its prompt while the target
+        prefills it (not in its first decode step, in series with the verify), and drafts on from it:
+        node 0 guesses the target's first token, so the request may hold a proposal for its first verify."""
+        if self.pipelining == "off" or self.config.k == 0:
+            return []
+        new = {a.seq_id for a in plan.admit if not a.resume}
+        tasks = (self._continue_task(s, self.config.k) for s in self.running if s.request_id in new and s.drafter)
+        return [t for t in tasks if t is not None]
+
     def _assign_drafters(self) -> None:
         if self.config.k == 0:
             return
@@ -202,8 +213,12 @@ class Scheduler:
     def _pipeline(self, decode: list, budgets: dict) -> str:
         """flat (everyone drafts, then everyone is verified), split (one group verifies while the other
         drafts) or continue (split, and the verified group's drafters draft on from their proposals)."""
-        if self.pipelining == "off" or not any(budgets.values()):
+        if self.pipelining == "off" or not any(s.drafter is not None and self.cap(s) for s in decode):
             return "flat"
+        if not any(budgets.values()):  # drafting does not pay flat; continue, its drafts behind the pass, may
+            if self.pipelining == "split" or self.cost is None or not self.config.adaptive:
+                return "flat"
+            return "continue" if self.pipelining == "continue" or self._continue_pays(decode, budgets) else "flat"
         if self.pipelining == "continue":  # forced (tests that prove each path); one request continues too
             return "continue"
         if len(decode) < 2:  # nothing to split
@@ -211,6 +226,10 @@ class Scheduler:
         if self.pipelining == "split":
             return "split"
         return "flat" if self.cost is None else self._best(decode, budgets)
+
+    def _continue_pays(self, decode: list, budgets: dict) -> bool:
+        rates = self._pipeline_rates(decode, budgets)
+        return rates["continue"] > (1 + self.config.min_gain) * rates["flat"]
 
     def _best(self, decode: list, budgets: dict, without: str = "") -> str:
         rates = self._pipeline_rates(decode, budgets)

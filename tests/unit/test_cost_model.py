@@ -285,6 +285,39 @@ def test_continue_drafts_to_the_targets_pace_not_to_the_flat_choice():
     assert {t.budget for t in sched.schedule().draft} == {5}
 
 
+def test_continue_pays_where_flat_drafting_does_not():
+    # A drafter whose call costs as much as a verify pass, at acceptance 0.5: flat, a step emits under two
+    # tokens a row for two passes' time, so the cost model drafts nothing; behind the pass the draft is free.
+    model = CostModel(CostCurve(0.02, 0.0, 0.0001), DraftCost(0.019, 0.0, 1e-5))
+    assert model.choose([0.5] * 4, [8] * 4, 0.03).ks == [0] * 4
+    sched = Scheduler(SchedulerConfig(k=4, k_max=8, adaptive=True, max_model_len=256), model, pipelining="auto")
+    seqs = _decoding(sched, [_seq(i) for i in range(4)])
+    sched.acceptance_prior = 0.5
+    plan = sched.schedule()
+    assert plan.pipelined and len(plan.draft) == 4 and all(t.continues and not t.now for t in plan.draft)
+    assert {v.seq_id for v in plan.verify} == {s.request_id for s in seqs}
+    sched.pipelining = "split"  # a split has no drafts to overlap when none pays flat
+    assert not sched.schedule().pipelined and not sched.schedule().draft
+
+
+def test_a_new_requests_drafter_reads_its_prompt_beside_the_targets_prefill():
+    sched = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="auto")
+    sched.targets, sched.drafters = {"target-0": 8}, {"draft-0": 8}
+    sched.waiting = deque([_seq(0)])
+    plan = sched.schedule()
+    (task,) = plan.draft
+    assert [a.seq_id for a in plan.admit] == ["r0"] and not plan.verify
+    assert task.continues and not task.now and task.start == 0 and task.new_tokens == list(range(10))
+    assert task.budget == 4  # the prior K, and node 0 guesses the target's first token
+    guess = Proposal.chain([7, 1, 2, 3])
+    assert continuation(list(range(10)) + [7], task, guess).tokens == [1, 2, 3]  # the prefill emitted 7
+    assert continuation(list(range(10)) + [8], task, guess) is None
+    off = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="off")
+    off.targets, off.drafters = {"target-0": 8}, {"draft-0": 8}
+    off.waiting = deque([_seq(0)])
+    assert not off.schedule().draft  # drafts never run beside the target there (one device, or asked so)
+
+
 def test_a_marginal_gain_is_not_taken():
     model = CostModel(CostCurve(0.05, 0.0, 0.004), DraftCost(0.0, 0.0, 0.0))
     assert model.choose([0.3], [8]).ks != [0]  # a small predicted gain

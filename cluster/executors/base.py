@@ -33,9 +33,13 @@ def clean(proposal: Proposal, vocab: int) -> Proposal | None:
     return proposal
 
 
-def call_shape(tasks: list[DraftTask]) -> tuple[int, int]:
-    """(sequential steps, nodes) of a draft call, as the cost model counts them."""
-    return max((t.budget for t in tasks), default=0), sum(t.budget for t in tasks)
+def draft_call(tasks: list[DraftTask], seconds: float) -> list[tuple[int, int, float]]:
+    """What the cost model learns from a draft call: (sequential steps, nodes, seconds), or nothing for a
+    call in which the drafter first read some request's whole prompt: that is a prefill, and the first
+    calls set the draft cost's scale."""
+    if not tasks or any(t.start == 0 for t in tasks):
+        return []
+    return [(max(t.budget for t in tasks), sum(t.budget for t in tasks), seconds)]
 
 
 def by_worker(items: list, attr: str) -> dict[str, list]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from cluster.core.messages import StepPlan
-from cluster.executors.base import StepResult, by_worker, call_shape, clean, resolve_verify
+from cluster.executors.base import StepResult, by_worker, clean, draft_call, resolve_verify
 from cluster.workers.draft_worker import DraftWorker
 from cluster.workers.target_worker import TargetWorker
 
@@ -31,7 +31,7 @@ class LocalExecutor:
         result.prefill_s = time.perf_counter() - start
         for worker, tasks in by_worker(plan.draft, "drafter").items():
             drafted = self.drafters[worker].propose(tasks)
-            result.draft_calls.append((*call_shape(tasks), drafted.compute_s))
+            result.draft_calls += draft_call(tasks, drafted.compute_s)
             result.draft_s += drafted.compute_s if any(t.now for t in tasks) else 0.0
             vocab = self.targets["target-0"].vocab_size
             for task, proposal in zip(tasks, drafted.proposals):

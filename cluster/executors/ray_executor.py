@@ -16,7 +16,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.core.messages import StepPlan
-from cluster.executors.base import StepResult, by_worker, call_shape, clean, resolve_verify
+from cluster.executors.base import StepResult, by_worker, clean, draft_call, resolve_verify
 from cluster.pools.manager import RouterReport
 from cluster.workers.isolation import Failure
 
@@ -203,7 +203,7 @@ class RayExecutor:
                 result.draft_failed.update(t.seq_id for t in tasks)
                 continue
             seconds = time.perf_counter() - launched if launched is not None else drafted.compute_s
-            result.draft_calls.append((*call_shape(tasks), max(seconds, drafted.compute_s)))
+            result.draft_calls += draft_call(tasks, max(seconds, drafted.compute_s))
             for task, proposal in zip(tasks, drafted.proposals):
                 proposal = clean(proposal, self.vocab)
                 if proposal is None or task.seq_id in drafted.failed:

@@ -9,6 +9,7 @@ import torch
 from cluster.core.cost_model import Acceptance, CostCurve, CostModel, DraftCost, StepTimer, expected_tokens
 from cluster.core.messages import DraftTask, Proposal, SparseQ, continuation
 from cluster.core.scheduler import Scheduler, SchedulerConfig
+from cluster.executors.base import draft_call
 from cluster.requests import Sequence
 from cluster.types import SamplingParams
 
@@ -260,6 +261,14 @@ def test_a_model_drafters_cost_grows_with_its_steps_before_and_after_timing():
         model.draft.observe(5, 20, 0.65)  # measured: 130 ms a step at 4 rows
     assert model.draft_seconds([5] * 4) == pytest.approx(0.65, rel=0.01)
     assert 1.4 < model.draft_seconds([6]) / model.draft_seconds([4]) < 1.6  # rescaled, same shape
+
+
+def test_a_draft_call_that_read_a_prompt_is_not_learned_as_a_drafts_cost():
+    synced = [DraftTask("a", "draft-0", 12, [5, 6], 4, SamplingParams(), 0, 10, now=True),
+              DraftTask("b", "draft-0", 12, [7], 2, SamplingParams(), 0, 10, now=True)]
+    assert draft_call(synced, 0.5) == [(4, 6, 0.5)]  # steps: the longest; nodes: all
+    first = DraftTask("c", "draft-0", 0, list(range(11)), 4, SamplingParams(), 0, 10, now=True)
+    assert draft_call(synced + [first], 2.0) == [] and draft_call([], 0.0) == []
 
 
 def test_continue_drafts_to_the_targets_pace_not_to_the_flat_choice():

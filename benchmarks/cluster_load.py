@@ -124,9 +124,10 @@ def main(argv=None) -> dict:
         config.validate(check_paths=False)
     config.limits.max_batch_size = max(config.limits.max_batch_size, max(args.concurrency))
     config.limits.max_waiting = max(config.limits.max_waiting, max(args.concurrency) * args.requests_per_stream)
-    # name -> (k, pin target/draft to disjoint cores, pipelining)
+    # name -> (k, pin target/draft to disjoint cores, pipelining). Colocated does not pipeline: its draft and
+    # target share both cores, so a draft beside a verify contends with it rather than overlapping.
     if args.devices == 2:
-        variants = {"k0": (0, True, "off"), "colocated": (config.speculation.k, False, "auto"),
+        variants = {"k0": (0, True, "off"), "colocated": (config.speculation.k, False, "off"),
                     "unpipelined": (config.speculation.k, True, "off")}
         variants |= {f"pipelined/{mode}": (config.speculation.k, True, mode) for mode in dict.fromkeys(args.pipelining)}
     else:

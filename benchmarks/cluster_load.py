@@ -79,11 +79,18 @@ def drive(engine, prompts: list[str], streams: int, per_stream: int, max_tokens:
     }
 
 
-def router_stats(router: Router) -> dict:
+def router_counts(router: Router) -> dict[str, float]:
+    """Counters a run's share is taken from (variants that share a router share its counters)."""
     used, dropped = (router.metrics.value("specdec_continued_drafts_total", outcome=o) for o in ("used", "dropped"))
-    return {"acceptance_rate": round(router.stats.acceptance_rate, 3), "pipelined_steps": router.pipelined_steps,
-            "steps": router.timings.steps, "continued_drafts": int(used + dropped),
-            "continued_used": round(used / max(used + dropped, 1), 3)}
+    return {"drafted": router.stats.drafted, "accepted": router.stats.accepted, "pipelined_steps": router.pipelined_steps,
+            "steps": router.timings.steps, "used": used, "dropped": dropped}
+
+
+def router_stats(counts: dict[str, float]) -> dict:
+    used, continued = counts["used"], counts["used"] + counts["dropped"]
+    return {"acceptance_rate": round(counts["accepted"] / max(counts["drafted"], 1), 3),
+            "pipelined_steps": int(counts["pipelined_steps"]), "steps": int(counts["steps"]),
+            "continued_drafts": int(continued), "continued_used": round(used / max(continued, 1), 3)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -107,8 +114,8 @@ def main(argv=None) -> dict:
                              "and compare K = 0, colocated, disaggregated unpipelined and pipelined")
     parser.add_argument("--drafter", default=None, help="drafter kind (default: the config's; layerskip with --devices 2)")
     parser.add_argument("--one-at-a-time", action="store_true",
-                        help="start each variant's actors only for its own runs (models too large to hold every "
-                             "variant at once; no order rotation then)")
+                        help="start one router at a time (models too large to hold two placements at once); "
+                             "variants on the same cores still interleave")
     parser.add_argument("--pipelining", nargs="+", default=["auto"], choices=("auto", "split", "continue"),
                         help="with --devices 2, one pipelined row per mode given (auto: the cost model picks per "
                              "step), against the same k0, colocated and unpipelined rows")
@@ -124,36 +131,48 @@ def main(argv=None) -> dict:
         config.validate(check_paths=False)
     config.limits.max_batch_size = max(config.limits.max_batch_size, max(args.concurrency))
     config.limits.max_waiting = max(config.limits.max_waiting, max(args.concurrency) * args.requests_per_stream)
-    # name -> (k, pin target/draft to disjoint cores, pipelining). Colocated does not pipeline: its draft and
-    # target share both cores, so a draft beside a verify contends with it rather than overlapping.
+    # name -> (k, (target cores, draft cores) or None for unpinned, pipelining). With two devices the target's
+    # device is core 0 and the cheap one core 1; colocated runs its drafter on the target's device, as one
+    # GPU would (unpinned, it had twice K = 0's cores), and so does not pipeline: a draft beside a verify
+    # would contend with it rather than overlap.
+    k = config.speculation.k
     if args.devices == 2:
-        variants = {"k0": (0, True, "off"), "colocated": (config.speculation.k, False, "off"),
-                    "unpipelined": (config.speculation.k, True, "off")}
-        variants |= {f"pipelined/{mode}": (config.speculation.k, True, mode) for mode in dict.fromkeys(args.pipelining)}
+        apart = ((0,), (1,))
+        variants = {"k0": (0, apart, "off"), "colocated": (k, ((0,), (0,)), "off"), "unpipelined": (k, apart, "off")}
+        variants |= {f"pipelined/{mode}": (k, apart, mode) for mode in dict.fromkeys(args.pipelining)}
     else:
-        variants = {"speculative": (config.speculation.k, False, "auto"), "baseline": (0, False, "off")}
+        variants = {"speculative": (k, None, "auto"), "baseline": (0, None, "off")}
+    # Variants on the same cores share one router (its actors and learned cost model); K and the pipelining
+    # mode are switched between runs, so they run back to back. Run minutes apart on separate routers, K = 0
+    # and a speculative row whose cost model drafted nothing differed by 1.32x: this machine drifts.
+    placements = list(dict.fromkeys(v[1] for v in variants.values()))
     resources = {}
     for pool in (config.cluster.target_pool, config.cluster.draft_pool):
         for name, amount in pool.resources.items():
-            resources[name] = resources.get(name, 0) + amount * pool.replicas * len(variants)
+            resources[name] = resources.get(name, 0) + amount * pool.replicas * len(placements)
     ray.init(num_cpus=args.num_cpus, resources=resources, include_dashboard=False, log_to_driver=False)
 
     tokenizer = load_tokenizer(config.target)
     prompts = load_prompts(tokenizer, raw=False)
     prompt_ids = [tokenizer.encode(p) for p in prompts]  # as the engine tokenises
 
-    def start(name: str) -> Router:
-        k, pinned, pipelining = variants[name]
+    def start(cores) -> Router:
         cfg = copy.deepcopy(config)
-        cfg.speculation.k = k
-        cfg.cluster.pipelining = pipelining
+        cfg.cluster.pipelining = "auto"  # the router's executor overlaps; each run sets its own mode
         cfg.cluster.target_pool.num_cpus = cfg.cluster.draft_pool.num_cpus = 0  # placement by custom resources
-        if pinned:
-            cfg.cluster.target_pool.cpus, cfg.cluster.draft_pool.cpus = [0], [1]
+        if cores:
+            cfg.cluster.target_pool.cpus, cfg.cluster.draft_pool.cpus = (list(c) for c in cores)
         router = Router(cfg)
         router.wait_ready()
         router.executor.count_bytes = True
-        drive(router, prompts, 2, 1, 16)  # warm-up
+        drive(router, prompts, 2, 1, 16)  # warm-up (speculative: the cost model learns the drafter's cost)
+        return router
+
+    def use(router: Router, name: str) -> Router:
+        """Set the router to a variant: K (the engine's and its scheduler's) and the pipelining mode."""
+        k, _, pipelining = variants[name]
+        router.config.speculation.k = router.scheduler.config.k = k
+        router.scheduler.pipelining = pipelining
         return router
 
     reference = None  # the dense target in this process, for the teacher-forced check (loaded once, if needed)
@@ -168,33 +187,41 @@ def main(argv=None) -> dict:
         return check_outputs(reference, [prompt_ids[i % len(prompt_ids)] for i in range(len(outputs))], outputs)
 
     results: dict[int, dict[str, dict]] = {n: {} for n in args.concurrency}
+    counts: dict[str, dict[str, float]] = {name: {} for name in variants}  # each variant's share of its router's
 
     def run_and_keep_best(router: Router, name: str, n: int) -> None:
+        before = router_counts(use(router, name))
         run = drive(router, prompts, n, args.requests_per_stream if n < 16 else 1, args.max_tokens)
+        for key, value in router_counts(router).items():
+            counts[name][key] = counts[name].get(key, 0) + value - before[key]
         if name not in results[n] or run["tokens_per_s"] > results[n][name]["tokens_per_s"]:
             results[n][name] = run
 
-    stats: dict[str, dict] = {}
     names = list(variants)
-    if args.one_at_a_time:
-        for name in names:
-            router = start(name)
+
+    def rotated(group: list[str], rep: int) -> list[str]:  # no variant always runs first
+        return group[rep % len(group):] + group[: rep % len(group)]
+
+    if args.one_at_a_time:  # one router at a time: its variants interleave, other placements run apart
+        for cores in placements:
+            router = start(cores)
+            group = [name for name in names if variants[name][1] == cores]
             for n in args.concurrency:
-                print(f"{name}: concurrency {n} ...", flush=True, file=sys.stderr)
-                for _ in range(args.repeats):
-                    run_and_keep_best(router, name, n)
-            stats[name] = router_stats(router)
+                print(f"{', '.join(group)}: concurrency {n} ...", flush=True, file=sys.stderr)
+                for rep in range(args.repeats):
+                    for name in rotated(group, rep):
+                        run_and_keep_best(router, name, n)
             router.shutdown()
     else:
-        routers = {name: start(name) for name in names}
+        routers = {cores: start(cores) for cores in placements}
         for n in args.concurrency:
             print(f"concurrency {n} ...", flush=True, file=sys.stderr)
-            for rep in range(args.repeats):  # rotate the order so no variant always runs first; keep the best
-                for name in names[rep % len(names):] + names[: rep % len(names)]:
-                    run_and_keep_best(routers[name], name, n)
-        for name, router in routers.items():
-            stats[name] = router_stats(router)
+            for rep in range(args.repeats):
+                for name in rotated(names, rep):
+                    run_and_keep_best(routers[variants[name][1]], name, n)
+        for router in routers.values():
             router.shutdown()
+    stats = {name: router_stats(c) for name, c in counts.items()}
 
     rows = []
     for n in args.concurrency:

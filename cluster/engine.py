@@ -334,8 +334,11 @@ class Engine:
         cost = self.scheduler.cost
         if cost is None:
             return
-        for steps, nodes, seconds in result.draft_calls:
-            cost.draft.observe(steps, nodes, seconds)
+        for steps, nodes, read, seconds in result.draft_calls:
+            if read:
+                cost.observe_draft_read(read, seconds - cost.draft(steps, nodes))
+            else:
+                cost.draft.observe(steps, nodes, seconds)
         for shape in passes:
             cost.observe_pass(*shape)
         verdicts = [v for v in result.verdicts.values() if isinstance(v, Verdict)]

@@ -166,6 +166,7 @@ class CostModel:
         self.measured: deque[tuple[int, int, int, float]] = deque(maxlen=256)  # recent real passes
         self.passes = 0
         self.prefill_rate: float | None = None  # seconds per prompt token, measured
+        self.draft_read_rate: float | None = None  # seconds per prompt token a drafter takes to read, measured
         # Accepted drafts as measured over as predicted, recent steps weighted most: the per-request
         # estimates assume i.i.d. acceptance and full-length drafts, which a lookup drafter's misses and
         # short finds break (at 32 streams: 81% of the predicted tokens arrived).
@@ -195,6 +196,30 @@ class CostModel:
             return
         rate = seconds / tokens
         self.prefill_rate = rate if self.prefill_rate is None else (1 - weight) * self.prefill_rate + weight * rate
+
+    def observe_draft_read(self, tokens: int, seconds: float, weight: float = 0.3) -> None:
+        """A draft call in which drafters first read `tokens` prompt tokens, its draft's share taken off."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = seconds / tokens
+        self.draft_read_rate = rate if self.draft_read_rate is None else (
+            (1 - weight) * self.draft_read_rate + weight * rate)
+
+    def reading_pays(self, alphas: list[float], caps: list[int], contexts: list[int], remaining: int,
+                     read_tokens: int, min_gain: float = 0.0) -> bool:
+        """Whether drafters that have not read their prompts should start, where that read runs in series
+        with the step: the seconds drafting saves over the `remaining` tokens the batch may still emit
+        (per token: plain step / rows - the chosen plan's step / its tokens) must exceed the reads'. Short
+        outputs of long prompts at a large batch, where drafting barely pays, do not earn the read back
+        (the Qwen pair at 16 streams and 32 tokens: 0.81x K = 0). Unmeasured, reading is free."""
+        if self.draft_read_rate is None or read_tokens <= 0:
+            return True
+        plan = self.choose(alphas, caps, min_gain, contexts)
+        if not any(plan.ks):
+            return True  # nothing drafts either way
+        plain = self.step_seconds([0] * len(alphas), contexts)[0]
+        saved = plain / len(alphas) - plan.step_s / max(plan.tokens, 1e-12)
+        return saved * remaining > self.draft_read_rate * read_tokens
 
     def prefill_seconds(self, rows: int, tokens: int) -> float:
         if self.prefill_rate is None:  # nothing measured yet: the verify curve's extrapolation

@@ -101,7 +101,9 @@ class Scheduler:
             ks = [min(self.config.k, c) for c in caps]
         else:
             alphas = [s.acceptance.rate(self.acceptance_prior) for s in decode]
-            ks = self.cost.choose(alphas, caps, self.config.min_gain, [context(s) for s in decode]).ks
+            contexts = [context(s) for s in decode]
+            caps = self._unread(decode, caps, alphas, contexts)
+            ks = self.cost.choose(alphas, caps, self.config.min_gain, contexts).ks
             ks = self._probe(ks, alphas, caps)
         budgets = {s.request_id: (k if s.drafter is not None else 0) for s, k in zip(decode, ks)}
         held = [s for s in decode if s.proposal is not None]
@@ -129,6 +131,19 @@ class Scheduler:
             self._verify(plan, decode, budgets, now=fresh)
         plan.predicted_s = self._predict(plan, decode, budgets)
         return plan
+
+    def _unread(self, decode: list, caps: list[int], alphas: list[float], contexts: list[int]) -> list[int]:
+        """A drafter's first call reads its request's whole prompt. Where that has not happened beside the
+        prefill, it runs in series with the step: start those drafters only if it pays back over the tokens
+        still to come (CostModel.reading_pays); otherwise they decode plain (caps 0)."""
+        unread = {i for i, s in enumerate(decode) if s.drafter is not None and s.draft_synced == 0 and caps[i]}
+        if not unread:
+            return caps
+        remaining = sum(max(s.params.max_tokens - len(s.output_ids), 0) for s in decode)
+        read = sum(len(decode[i].tokens) for i in unread)
+        if self.cost.reading_pays(alphas, caps, contexts, remaining, read, self.config.min_gain):
+            return caps
+        return [0 if i in unread else c for i, c in enumerate(caps)]
 
     def _probe(self, ks: list[int], alphas: list[float], caps: list[int]) -> list[int]:
         """After probe_every steps without a draft, draft once anyway (the likeliest request, the prior K):

@@ -16,7 +16,7 @@ class StepResult:
     verdicts: dict = field(default_factory=dict)  # seq_id -> Verdict | Failure
     dead_workers: list = field(default_factory=list)  # worker ids that died during the step
     lost: set = field(default_factory=set)  # seq_ids whose results were lost with a dead worker
-    draft_calls: list = field(default_factory=list)  # (steps, nodes, seconds) per draft call: for the cost model
+    draft_calls: list = field(default_factory=list)  # (steps, nodes, read, seconds) per draft call: for the cost model
     verify_s: float = 0.0  # longest target compute in the step
     verify_busy: dict = field(default_factory=dict)  # target worker -> seconds its verify pass computed
     draft_s: float = 0.0  # draft compute the verify waited for
@@ -33,13 +33,14 @@ def clean(proposal: Proposal, vocab: int) -> Proposal | None:
     return proposal
 
 
-def draft_call(tasks: list[DraftTask], seconds: float) -> list[tuple[int, int, float]]:
-    """What the cost model learns from a draft call: (sequential steps, nodes, seconds), or nothing for a
-    call in which the drafter first read some request's whole prompt: that is a prefill, and the first
-    calls set the draft cost's scale."""
-    if not tasks or any(t.start == 0 for t in tasks):
+def draft_call(tasks: list[DraftTask], seconds: float) -> list[tuple[int, int, int, float]]:
+    """What the cost model learns from a draft call: (sequential steps, nodes, prompt tokens read, seconds).
+    A call in which a drafter first read some request's whole prompt (start 0) is mostly that read, a
+    prefill: it teaches the drafter's read rate, not a draft's cost (the first calls set its scale)."""
+    if not tasks:
         return []
-    return [(max(t.budget for t in tasks), sum(t.budget for t in tasks), seconds)]
+    read = sum(len(t.new_tokens) for t in tasks if t.start == 0)
+    return [(max(t.budget for t in tasks), sum(t.budget for t in tasks), read, seconds)]
 
 
 def by_worker(items: list, attr: str) -> dict[str, list]:

@@ -263,12 +263,38 @@ def test_a_model_drafters_cost_grows_with_its_steps_before_and_after_timing():
     assert 1.4 < model.draft_seconds([6]) / model.draft_seconds([4]) < 1.6  # rescaled, same shape
 
 
-def test_a_draft_call_that_read_a_prompt_is_not_learned_as_a_drafts_cost():
+def test_a_draft_call_that_read_a_prompt_teaches_the_read_rate_not_a_drafts_cost():
     synced = [DraftTask("a", "draft-0", 12, [5, 6], 4, SamplingParams(), 0, 10, now=True),
               DraftTask("b", "draft-0", 12, [7], 2, SamplingParams(), 0, 10, now=True)]
-    assert draft_call(synced, 0.5) == [(4, 6, 0.5)]  # steps: the longest; nodes: all
+    assert draft_call(synced, 0.5) == [(4, 6, 0, 0.5)]  # steps: the longest; nodes: all; no prompt read
     first = DraftTask("c", "draft-0", 0, list(range(11)), 4, SamplingParams(), 0, 10, now=True)
-    assert draft_call(synced + [first], 2.0) == [] and draft_call([], 0.0) == []
+    assert draft_call(synced + [first], 2.0) == [(4, 10, 11, 2.0)] and draft_call([], 0.0) == []
+    model = CostModel(CostCurve(0.02, 0.0, 0.0), sequential_draft=True)
+    model.observe_draft_read(100, 0.5)
+    assert model.draft_read_rate == pytest.approx(0.005)
+
+
+def test_drafters_start_reading_prompts_only_where_the_read_pays_back():
+    # Verify 0.1 s a pass, nearly flat; a draft 30 ms a step: at acceptance 0.8 a token costs 16 ms drafted
+    # against 25 ms plain, 9 ms saved. Four drafters that have not read their 10-token prompts (40 tokens).
+    model = CostModel(CostCurve(0.1, 0.0, 1e-5), DraftCost(0.0, 0.03, 0.0), sequential_draft=True)
+    sched = Scheduler(SchedulerConfig(k=4, k_max=4, adaptive=True, max_model_len=256), model)
+    sched.acceptance_prior = 0.8
+    _decoding(sched, [_seq(i, max_tokens=40) for i in range(4)])
+    assert sched.schedule().draft  # unmeasured, reading is free
+    model.draft_read_rate = 0.001  # 40 ms of reads
+    assert {t.start for t in sched.schedule().draft} == {0}  # 160 tokens to come save ~1.4 s: read
+    _decoding(sched, [_seq(i, max_tokens=3) for i in range(4)])  # 12 to come save ~0.1 s, still > 40 ms
+    assert sched.schedule().draft
+    model.draft_read_rate = 0.05  # 2 s of reads
+    plan = sched.schedule()
+    assert not plan.draft and all(v.proposal is None for v in plan.verify)
+    long = _decoding(sched, [_seq(i, max_tokens=100) for i in range(4)])  # 400 to come save ~3.4 s
+    assert sched.schedule().draft
+    long[0].draft_synced = 10  # read already: it may draft while the others stay plain
+    seqs = _decoding(sched, [long[0]] + [_seq(i, max_tokens=3) for i in range(1, 4)])
+    caps = [sched.cap(s) for s in seqs]
+    assert sched._unread(seqs, caps, [0.8] * 4, [10] * 4) == [caps[0], 0, 0, 0]
 
 
 def test_continue_drafts_to_the_targets_pace_not_to_the_flat_choice():

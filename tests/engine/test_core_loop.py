@@ -105,6 +105,15 @@ def test_predicted_step_times_are_measured(make_engine):
     assert 0 <= engine.step_time_error() < 1.0
 
 
+def test_the_engine_learns_a_drafters_prompt_read_apart_from_its_draft_cost(make_engine):
+    engine = make_engine("model", k=4, adaptive=True, max_batch_size=8)
+    cost = engine.scheduler.cost
+    assert cost.draft_read_rate is None and cost.draft.seen == 0
+    engine.generate([PROMPT] + OTHERS, SamplingParams(max_tokens=12))
+    assert cost.draft_read_rate is not None and cost.draft_read_rate > 0  # the first calls read the prompts
+    assert cost.draft.seen > 0  # the later ones drafted from synced drafters
+
+
 def test_verdicts_carry_the_hidden_state_behind_the_next_token(tiny_models):
     """Prefill and verify return, when asked, the target's last hidden state at the position whose logits
     chose the emitted token (prompt end; end of the accepted path): what parallel heads draft from."""

@@ -135,6 +135,11 @@ BREAKAGES = [
              "        coming = [s for s in decode if s.proposal is None and s.request_id in in_flight]\n",
              "        coming, in_flight = [], ()\n",
              ("tests/unit/test_cost_model.py::test_a_draft_still_in_flight_is_verified_when_it_lands_never_drafted_again",)),
+    Breakage("prompt-read-free", "a drafter's first read of its prompt is priced at nothing",
+             "cluster/core/cost_model.py",
+             "        return saved * remaining > self.draft_read_rate * read_tokens\n",
+             "        return True\n",
+             ("tests/unit/test_cost_model.py::test_drafters_start_reading_prompts_only_where_the_read_pays_back",)),
 ]
 
 

@@ -106,7 +106,8 @@ def test_predicted_step_times_are_measured(make_engine):
 
 
 def test_the_engine_learns_a_drafters_prompt_read_apart_from_its_draft_cost(make_engine):
-    engine = make_engine("model", k=4, adaptive=True, max_batch_size=8)
+    engine = make_engine("model", k=4, adaptive=True, max_batch_size=8)  # adaptive: the cost model is built
+    engine.scheduler.config.adaptive = False  # but K stays 4, so every step drafts whatever the timings say
     cost = engine.scheduler.cost
     assert cost.draft_read_rate is None and cost.draft.seen == 0
     engine.generate([PROMPT] + OTHERS, SamplingParams(max_tokens=12))

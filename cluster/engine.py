@@ -352,7 +352,7 @@ class Engine:
         self.metrics.step_measured.observe(measured)
         # A step with prefills, or whose drafter first read a prompt (2.5 s of a 3.3 s step at 8 streams on
         # the Qwen pair), is mostly prefill: it says little about the overhead.
-        if not plan.admit and not any(t.start == 0 for t in plan.draft):
+        if not plan.admit and not any(t.reads_prompt for t in plan.draft):
             cost.timer.observe(plan.predicted_verify_s, plan.predicted_draft_s, measured)
         self.metrics.step_time_error.set(self.step_time_error())
         self.metrics.queue_depth.set(len(self.waiting))

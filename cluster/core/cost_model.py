@@ -192,18 +192,11 @@ class CostModel:
     def observe_prefill(self, tokens: int, seconds: float, weight: float = 0.3) -> None:
         """A prefill as it ran. Prompts run hundreds of tokens per row, far off the verify grid, so their
         cost is learned on its own: seconds per prompt token."""
-        if tokens <= 0 or seconds <= 0:
-            return
-        rate = seconds / tokens
-        self.prefill_rate = rate if self.prefill_rate is None else (1 - weight) * self.prefill_rate + weight * rate
+        self.prefill_rate = _per_token(self.prefill_rate, tokens, seconds, weight)
 
     def observe_draft_read(self, tokens: int, seconds: float, weight: float = 0.3) -> None:
         """A draft call in which drafters first read `tokens` prompt tokens, its draft's share taken off."""
-        if tokens <= 0 or seconds <= 0:
-            return
-        rate = seconds / tokens
-        self.draft_read_rate = rate if self.draft_read_rate is None else (
-            (1 - weight) * self.draft_read_rate + weight * rate)
+        self.draft_read_rate = _per_token(self.draft_read_rate, tokens, seconds, weight)
 
     def reading_pays(self, alphas: list[float], caps: list[int], contexts: list[int], remaining: int,
                      read_tokens: int, min_gain: float = 0.0) -> bool:
@@ -287,6 +280,14 @@ class CostModel:
         step_s, verify, draft = self.step_seconds(ks, contexts)
         return Budgets(ks, rows + scale * sum(expected_tokens(a, k) - 1 for a, k in zip(alphas, ks)), verify, draft,
                        step_s)
+
+
+def _per_token(rate: float | None, tokens: int, seconds: float, weight: float) -> float | None:
+    """An exponential average of seconds per token; the first measurement sets it, nothing to learn keeps it."""
+    if tokens <= 0 or seconds <= 0:
+        return rate
+    measured = seconds / tokens
+    return measured if rate is None else (1 - weight) * rate + weight * measured
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:

@@ -187,6 +187,11 @@ class DraftTask:
     # proposal is accepted and the guess is right (see `continuation`).
     continues: bool = False
 
+    @property
+    def reads_prompt(self) -> bool:
+        """The drafter holds none of this request yet: the call first reads its whole prompt (a prefill)."""
+        return self.start == 0
+
 
 def continuation(tokens: list[int], task: DraftTask, proposal: Proposal) -> Proposal | None:
     """The next proposal a continuing draft gives a request whose tokens are now `tokens`, or None. It

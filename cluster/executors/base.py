@@ -35,11 +35,11 @@ def clean(proposal: Proposal, vocab: int) -> Proposal | None:
 
 def draft_call(tasks: list[DraftTask], seconds: float) -> list[tuple[int, int, int, float]]:
     """What the cost model learns from a draft call: (sequential steps, nodes, prompt tokens read, seconds).
-    A call in which a drafter first read some request's whole prompt (start 0) is mostly that read, a
+    A call in which a drafter first read some request's whole prompt is mostly that read, a
     prefill: it teaches the drafter's read rate, not a draft's cost (the first calls set its scale)."""
     if not tasks:
         return []
-    read = sum(len(t.new_tokens) for t in tasks if t.start == 0)
+    read = sum(len(t.new_tokens) for t in tasks if t.reads_prompt)
     return [(max(t.budget for t in tasks), sum(t.budget for t in tasks), read, seconds)]
 
 

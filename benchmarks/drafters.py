@@ -149,11 +149,10 @@ def main(argv=None) -> dict:
                 cfg.validate(check_paths=False)
                 engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
                 result = run(engine, prompts, args.max_tokens)
-                if name in ("layerskip", "quantized"):  # the copy's own acceptance, drafting every step
+                if name in ("layerskip", "quantized", "heads"):  # the drafter's own acceptance, drafting every step
                     cfg.speculation.k, cfg.speculation.adaptive = args.fixed_k, False
                     engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
-                    fixed = run(engine, prompts[: max(2, len(prompts) // 2)], args.max_tokens)["per_token_acceptance"]
-                    fixed = round(fixed, 3) if fixed is not None else None
+                    fixed = run(engine, prompts[: max(2, len(prompts) // 2)], args.max_tokens)
             check = check_outputs(base.target.backend.model, prompt_ids, result["outputs"])
             rows.append({"drafter": name, "workload": workload, "tokens_per_pass": round(result["tokens_per_pass"], 3),
                          "per_position_acceptance": result["per_position_acceptance"],
@@ -165,7 +164,10 @@ def main(argv=None) -> dict:
                          # target's argmax outside near-ties (teacher-forced); identical: equal to K = 0's tokens
                          "exact": check["exact"], "near_tie_rate": check["near_tie_rate"],
                          "identical_to_k0": result["outputs"] == reference["outputs"],
-                         **({"acceptance_fixed_k": fixed} if fixed is not None else {})})
+                         **({"acceptance_fixed_k": None if fixed["per_token_acceptance"] is None
+                             else round(fixed["per_token_acceptance"], 3),
+                             "tokens_per_pass_fixed_k": round(fixed["tokens_per_pass"], 3),
+                             "tokens_per_s_fixed_k": round(fixed["tokens_per_s"], 2)} if fixed else {})})
             print(f"{workload} {name}: {rows[-1]['tokens_per_s']} tok/s", flush=True, file=__import__("sys").stderr)
         model, tok = base.target.backend.model, base.tokenizer
         model.generation_config.pad_token_id = tok.eos_token_id

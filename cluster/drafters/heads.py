@@ -1,13 +1,24 @@
-"""Parallel heads (Medusa-1, Cai et al. 2024): no draft model runs. K small heads read the target's last
-hidden state h, the one whose logits chose the pending token, and guess the K tokens after it at once:
+"""Draft heads on the target's last hidden state h (the one whose logits chose the pending token): no
+draft model runs. Two architectures, named in the weights' config.json (`arch`):
 
-    head_i(h) = LMHead(h + SiLU(W_i h + b_i))      the token i places after the pending one (i = 1..K)
+- `medusa` (Medusa-1, Cai et al. 2024): K parallel heads guess the K tokens after the pending one at once,
+      head_i(h) = LMHead(h + SiLU(W_i h + b_i)).
+  A head never sees the pending token nor the guesses before its own, which is what a 135M model's h
+  cannot make up for (held-out top-1 of the second head 0.27).
+- `hydra` (sequentially dependent heads, Ankner et al. 2024; EAGLE's feature recurrence without its
+  attention): one small step network, shared by every depth, carries a state from h through the tokens
+  drafted so far,
+      s_0 = h,  s_j = s_{j-1} + Down(SiLU(Up([rms(s_{j-1}) * a; rms(E x_j) * b]))),  logits_j = LMHead(s_j),
+  where x_1 is the pending token and x_{j+1} the guess drawn from logits_j. It is trained to regress the
+  target's own next hidden state and to predict its next token (tools/train_heads.py), over a
+  frequency-ranked subset of the vocabulary (FR-Spec: the draft proposes only those tokens; the output
+  does not change, every token is verified).
 
-The LM head is the target's own (shared in process, loaded with the target's weights in a draft actor);
-only W_i, b_i are trained (tools/train_heads.py, by self-distillation). The proposal is a token tree: the
-likeliest paths through each head's top-k candidates (scored by the product of the heads' probabilities)
-that fit the budget. Candidates are deterministic (q = None): exact under both rules, since the target
-takes the child equal to its own token (coupled) or rejects one-hot candidates one by one (rejection).
+The LM head and the embedding are the target's own (shared in process, loaded with the target's weights
+in a draft actor); only the heads are trained. The proposal is a token tree of the likeliest paths (a
+path's score is the sum of its nodes' log-probabilities) that fit the budget. Candidates are
+deterministic (q = None): exact under both rules, since the target takes the child equal to its own
+token (coupled) or rejects one-hot candidates one by one (rejection).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ WEIGHTS, META = "heads.safetensors", "config.json"
 
 class ParallelHeads(torch.nn.Module):
     """K residual SiLU heads over a frozen LM head: forward(h [N, H]) -> log-probabilities [K, N, V]."""
+
+    arch = "medusa"
 
     def __init__(self, num_heads: int, hidden_size: int):
         super().__init__()
@@ -52,20 +65,56 @@ class ParallelHeads(torch.nn.Module):
         return _linear(z.reshape(k * n, hidden).to(lm_head.dtype), lm_head).float().view(k, n, -1)
 
 
-def save_heads(directory: str | Path, heads: ParallelHeads, meta: dict) -> None:
+class SequentialHeads(torch.nn.Module):
+    """Hydra-style heads: one residual step network shared by every depth (see the module docstring).
+    `vocab` holds the token ids the draft may propose, most frequent first; `depth` how far it was
+    trained to guess (the drafter guesses no further)."""
+
+    arch = "hydra"
+
+    def __init__(self, hidden_size: int, vocab: torch.Tensor, depth: int, inner: int | None = None):
+        super().__init__()
+        inner = inner or 2 * hidden_size
+        self.scale_state = torch.nn.Parameter(torch.ones(hidden_size))
+        self.scale_token = torch.nn.Parameter(torch.ones(hidden_size))
+        self.up = torch.nn.Linear(2 * hidden_size, inner)
+        self.down = torch.nn.Linear(inner, hidden_size)
+        # Zero init: s_1 = h, i.e. every head starts as "the next token again", as Medusa's do.
+        torch.nn.init.zeros_(self.down.weight)
+        torch.nn.init.zeros_(self.down.bias)
+        self.register_buffer("vocab", vocab.to(torch.long).clone())
+        self.depth = depth
+
+    @property
+    def num_heads(self) -> int:
+        return self.depth
+
+    def step(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """State [N, H] and the embedding [N, H] of the token it is followed by -> the next state [N, H]."""
+        x = torch.cat([F.rms_norm(s, s.shape[-1:]) * self.scale_state,
+                       F.rms_norm(e, e.shape[-1:]) * self.scale_token], -1)
+        return s + self.down(F.silu(self.up(x)))
+
+
+def save_heads(directory: str | Path, heads: ParallelHeads | SequentialHeads, meta: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": heads.weight.detach().contiguous(), "bias": heads.bias.detach().contiguous()},
-              str(directory / WEIGHTS))
-    (directory / META).write_text(json.dumps({"num_heads": heads.num_heads, "hidden_size": heads.weight.shape[1],
-                                              **meta}, indent=2))
+    tensors = {name: t.detach().contiguous() for name, t in heads.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS))
+    shape = ({"hidden_size": heads.up.in_features // 2, "inner": heads.up.out_features}
+             if isinstance(heads, SequentialHeads) else {"hidden_size": heads.weight.shape[1]})
+    (directory / META).write_text(json.dumps({**meta, "arch": heads.arch, "num_heads": heads.num_heads,
+                                              **shape}, indent=2))
 
 
-def load_heads(directory: str | Path) -> tuple[ParallelHeads, dict]:
+def load_heads(directory: str | Path) -> tuple[ParallelHeads | SequentialHeads, dict]:
     directory = Path(directory)
     tensors = load_file(str(directory / WEIGHTS))
     meta = json.loads((directory / META).read_text()) if (directory / META).is_file() else {}
-    heads = ParallelHeads(*tensors["weight"].shape[:2])
+    if meta.get("arch", "medusa") == "hydra":
+        heads = SequentialHeads(meta["hidden_size"], tensors["vocab"], meta["num_heads"], meta["inner"])
+    else:
+        heads = ParallelHeads(*tensors["weight"].shape[:2])
     heads.load_state_dict(tensors)
     return heads.eval(), meta
 
@@ -112,15 +161,86 @@ class HeadsDrafter(Drafter):
         return out
 
 
-def build(section, context) -> HeadsDrafter:
+def _tree(nodes: list[tuple[float, int, int, int]], budget: int) -> Proposal:
+    """The `budget` best of nodes [(score, depth, token, parent index)] as a Proposal. A node scores at
+    most its parent (log-probabilities add), and ties go to the shallower, so a parent always comes first."""
+    order = sorted(range(len(nodes)), key=lambda n: (-nodes[n][0], nodes[n][1]))[:budget]
+    new = {}
+    tokens, parents = [], []
+    for n in order:
+        _, _, token, parent = nodes[n]
+        new[n] = len(tokens)
+        tokens.append(token)
+        parents.append(-1 if parent < 0 else new[parent])
+    return Proposal(tokens, parents)
+
+
+class SequentialHeadsDrafter(Drafter):
+    """Beam over the step network: each depth expands every row's `top_k` best paths so far by their
+    `top_k` likeliest next tokens, in one batched step for every row; the tree is the best `budget` nodes."""
+
+    name = "heads"
+
+    def __init__(self, heads: SequentialHeads, lm_head: torch.Tensor, embedding: torch.Tensor, top_k: int = 3):
+        self.heads = heads.to(device=lm_head.device, dtype=torch.float32)
+        self.rows = lm_head.detach()[self.heads.vocab].contiguous()  # the proposable rows, in the head's dtype
+        self.embedding = embedding.detach()
+        self.top_k = top_k
+
+    @torch.inference_mode()
+    def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
+        out = [Proposal() for _ in batch]
+        rows = [i for i, r in enumerate(batch) if r.hidden is not None]  # none yet: nothing to draft from
+        if not rows:
+            return out
+        from cluster.models.lean import _linear  # the small-batch products: every frontier row reads the head once
+
+        device = self.rows.device
+        depth = {i: min(self.heads.depth, batch[i].budget) for i in rows}
+        nodes = {i: [] for i in rows}  # per row: (score, depth, token, parent)
+        s = torch.stack([torch.as_tensor(batch[i].hidden) for i in rows]).to(device, torch.float32)
+        tokens = torch.tensor([batch[i].tokens[-1] for i in rows], device=device)
+        frontier = [(i, 0.0, -1) for i in rows]  # per state row: (request, path score, node it extends)
+        for d in range(max(depth.values())):
+            s = self.heads.step(s, self.embedding[tokens].float())
+            logits = _linear(s.to(self.rows.dtype), self.rows).float()
+            top = torch.log_softmax(logits, -1).topk(self.top_k, dim=-1)
+            values, ids = top.values.cpu().tolist(), self.heads.vocab[top.indices.cpu()].tolist()
+            grown = {i: [] for i in rows}  # per request: (score, state row, child token, node id)
+            for f, (i, score, parent) in enumerate(frontier):
+                for lp, token in zip(values[f], ids[f]):
+                    nodes[i].append((score + lp, d, token, parent))
+                    grown[i].append((score + lp, f, token, len(nodes[i]) - 1))
+            frontier, keep, next_tokens = [], [], []
+            for i in rows:
+                if d + 1 < depth[i]:
+                    for score, f, token, node in sorted(grown[i], reverse=True)[: self.top_k]:
+                        frontier.append((i, score, node))
+                        keep.append(f)
+                        next_tokens.append(token)
+            if not frontier:
+                break
+            s = s[torch.tensor(keep, device=device)]
+            tokens = torch.tensor(next_tokens, device=device)
+        for i in rows:
+            out[i] = _tree(nodes[i], batch[i].budget)
+        return out
+
+
+def build(section, context) -> HeadsDrafter | SequentialHeadsDrafter:
     from cluster.models.loader import load_model
 
     heads, meta = load_heads(section.path)
     source = context.target_model if context.target_model is not None else load_model(context.target, context.device)
     lm_head = source.get_output_embeddings().weight
-    if lm_head.shape[1] != heads.weight.shape[1]:
-        raise ValueError(f"drafter.heads: heads of width {heads.weight.shape[1]} for a target of width "
+    width = meta.get("hidden_size", lm_head.shape[1])
+    if lm_head.shape[1] != width:
+        raise ValueError(f"drafter.heads: heads of width {width} for a target of width "
                          f"{lm_head.shape[1]} ({section.path} was trained for {meta.get('target', 'another model')})")
     if lm_head.shape[0] != context.target_vocab:
         raise ValueError(f"drafter.heads: LM head vocabulary {lm_head.shape[0]} != target's {context.target_vocab}")
+    if isinstance(heads, SequentialHeads):
+        if int(heads.vocab.max()) >= lm_head.shape[0]:
+            raise ValueError(f"drafter.heads: {section.path} proposes token ids past the target's vocabulary")
+        return SequentialHeadsDrafter(heads, lm_head, source.get_input_embeddings().weight, section.top_k)
     return HeadsDrafter(heads, lm_head, section.top_k)

@@ -27,22 +27,32 @@ KINDS = {
 }
 
 
-KINDS_WITH_FILES = {"heads"}  # their config names weights built by a fixture
+KINDS_WITH_FILES = {"heads": "hydra", "heads:medusa": "medusa"}  # their config names weights a fixture builds
+
+
+def _train_heads(tiny_models, out, *extra):
+    from tools.train_heads import main as train_heads
+
+    return train_heads(["--target", str(tiny_models["target"]), "--out", str(out), "--prompts", "24", "--max-tokens",
+                        "24", "--batch", "8", "--max-steps", "40", "--train-batch", "64", *extra])
 
 
 @pytest.fixture(scope="session")
 def tiny_heads(tiny_models, tmp_path_factory):
-    """Parallel heads for the tiny target, trained by the real script for a few steps."""
-    from tools.train_heads import main as train_heads
-
+    """Hydra heads for the tiny target over its 200 most frequent tokens, trained by the real script for a
+    few steps."""
     out = tmp_path_factory.mktemp("heads")
-    meta = train_heads(["--target", str(tiny_models["target"]), "--out", str(out), "--prompts", "24", "--max-tokens",
-                        "24", "--batch", "8", "--max-steps", "40", "--train-batch", "64"])
-    return out, meta
+    return out, _train_heads(tiny_models, out, "--vocab", "200")
+
+
+@pytest.fixture(scope="session")
+def tiny_medusa(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("medusa")
+    return out, _train_heads(tiny_models, out, "--arch", "medusa", "--heads", "4")
 
 
 def _drafter(kind: str, heads_dir=None) -> DrafterConfig:
-    if kind == "heads":
+    if kind.startswith("heads"):
         return DrafterConfig("heads", {"heads": HeadsConfig(str(heads_dir), top_k=2)})
     return KINDS[kind]
 
@@ -61,8 +71,8 @@ def target_only(make_engine):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS) + sorted(KINDS_WITH_FILES))
-def test_every_kind_is_exact_greedy_and_sampled(make_engine, target_only, tiny_heads, kind):
-    engine = _engine(make_engine, kind, tiny_heads[0])
+def test_every_kind_is_exact_greedy_and_sampled(make_engine, target_only, tiny_heads, tiny_medusa, kind):
+    engine = _engine(make_engine, kind, (tiny_medusa if kind == "heads:medusa" else tiny_heads)[0])
     greedy = SamplingParams(max_tokens=32)
     assert [o.token_ids for o in engine.generate(PROMPTS, greedy)] == \
         [o.token_ids for o in target_only.generate(PROMPTS, greedy)]
@@ -122,7 +132,8 @@ def test_the_heads_script_trains_and_the_heads_draft_trees(make_engine, tiny_hea
     drafter proposes trees (siblings from each head's top-k) from the hidden states verify passes return."""
     out, meta = tiny_heads
     assert (out / "heads.safetensors").is_file() and meta["steps"] == 40 and meta["final_loss"] < meta["initial_loss"]
-    assert len(meta["held_out_top1"]) == 4 and meta["train_positions"] > 0
+    assert meta["arch"] == "hydra" and len(meta["held_out_top1"]) == 5 and meta["train_positions"] > 0
+    assert meta["vocab"] in (200, 201)  # the 200 most frequent tokens, and EOS where it is not among them
     engine = _engine(make_engine, "heads", out)
     assert engine.scheduler.config.want_hidden
     seen = []
@@ -138,6 +149,26 @@ def test_the_heads_script_trains_and_the_heads_draft_trees(make_engine, tiny_hea
     assert all(r.hidden is not None for r, _ in seen)  # from the prefill, then from every verify
     assert any(not p.is_chain for _, p in seen)  # top-2 per head: trees
     assert all(len(p) <= r.budget for r, p in seen)
+    proposable = set(engine.drafter.drafter.heads.vocab.tolist())
+    assert len(proposable) == meta["vocab"] and all(set(p.tokens) <= proposable for _, p in seen)
+    assert any(len(p) > 1 and not p.is_chain and max(p.depths()) >= 2 for _, p in seen)  # deeper than one level
+
+
+def test_a_heads_tree_is_its_best_nodes_parents_first():
+    import math
+
+    from cluster.drafters.heads import _tree
+
+    # (score, depth, token, parent): a .6, b .3, then a's children c .27, d .24 and b's child e .15
+    nodes = [(math.log(.6), 0, 1, -1), (math.log(.3), 0, 2, -1), (math.log(.27), 1, 3, 0),
+             (math.log(.24), 1, 4, 0), (math.log(.15), 1, 5, 1)]
+    tree = _tree(nodes, budget=4)
+    assert tree.tokens == [1, 2, 3, 4] and tree.parents == [-1, -1, 0, 0]
+    listed = [(math.log(.27), 1, 3, 3), (math.log(.24), 1, 4, 3), (math.log(.15), 1, 5, 4),
+              (math.log(.6), 0, 1, -1), (math.log(.3), 0, 2, -1)]
+    tree = _tree(listed, budget=5)  # children listed first: parents still lead
+    assert tree.tokens == [1, 2, 3, 4, 5] and tree.parents == [-1, -1, 0, 0, 1]
+    assert _tree(nodes, budget=1).tokens == [1] and _tree([], 3).tokens == []
 
 
 def test_best_paths_take_the_likeliest_first_within_the_budget():

@@ -30,6 +30,12 @@ from cluster.types import SamplingParams
 CONTEXT = 256
 
 
+def lean_plans() -> dict:
+    from cluster.models import lean
+
+    return dict(lean._PLAN)
+
+
 def read_bandwidth_gb_s(megabytes: int = 512) -> float:
     """Bytes per second of a streaming read (a sum over a tensor far larger than the caches)."""
     a = torch.ones(megabytes * 2**20 // 4)
@@ -121,6 +127,8 @@ def main(argv=None) -> dict:
         "hf_generate_tokens_per_s": round(decode["hf_bfloat16"], 2),
         "hf_generate_fp32_tokens_per_s": round(decode["hf_float32"], 2),
         "decode_vs_hf_generate": round(decode["engine_bf16"] / decode["hf_bfloat16"], 3),
+        # the kernel the lean backend timed fastest per dtype for one token and for a few (tune_products)
+        "products": {str(dtype).removeprefix("torch."): plan for (dtype, _), plan in lean_plans().items()},
         "rows": rows,
     }
     emit(result, args.json, ["backend", "dtype", "device", "batch_rows", "new_tokens", "ms", "x_roofline"])

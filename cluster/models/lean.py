@@ -58,6 +58,9 @@ class LeanBackend(HFBackend):
         if num_layers is not None:
             self.name = f"lean-first-{len(self.layers)}"
         self.head_ids, self.head_rows = None, self.head.weight  # all of the vocabulary, in id order
+        if self.layers and self.layers[0][1].device.type != "meta":
+            _, qkv, _, o, _, gate_up, down, _ = self.layers[0]
+            self.products = tune_products([qkv, o, gate_up, down, self.head.weight])
 
     def restrict_head(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Logits for token ids `ids` only, from head rows `rows` (rows[i] is token ids[i]'s); the others
@@ -235,27 +238,71 @@ class _Group:
         return out.transpose(1, 2)
 
 
-SMALL_BATCH = 12  # up to this many tokens, weight-major products beat F.linear in bf16 here
+SMALL_BATCH = 12  # "few" tokens: up to this many, a weight-major product may beat F.linear
+
+# How x [N, in] @ w[out, in]^T is computed, per dtype, for one token and for a few: the fastest kernel
+# differs by machine. On an AMX CPU (torch 2.13, 2 threads, bf16) weight-major products streamed the
+# weights faster: SmolLM2's layers took 12 ms with mv at N = 1 and 13-15 ms with mm(w, x^T) at N = 2..12,
+# against 18 ms with F.linear. On an AVX-512 CPU without AMX the same choice was 1.34x slower than
+# F.linear (39 vs 29 ms a decode pass), mv being the slowest kernel there. So each process times the
+# candidates on its model's own weights once per dtype (tune_products) and keeps the fastest.
+PRODUCTS = {
+    "linear": lambda x, w: F.linear(x, w),
+    "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0),
+    "mm_wxT": lambda x, w: torch.mm(w, x.t().contiguous()).t().contiguous(),
+}
+CANDIDATES = {"one": ("linear", "mv", "mm_wxT"), "few": ("linear", "mm_wxT")}
+_PLAN: dict[tuple[torch.dtype, str], dict[str, str]] = {}  # (dtype, device type) -> {"one": name, "few": name}
+
+
+def tune_products(weights: list[torch.Tensor], rounds: int = 5) -> dict[str, str]:
+    """The fastest product for one token and for a few (4), timed on `weights` (one layer's matrices and
+    the LM head: what a pass multiplies), best of `rounds`, candidates interleaved. Once per dtype and
+    device type in a process; on a GPU F.linear everywhere (one cuBLAS call; graphs capture it)."""
+    import logging
+    import time
+
+    w0 = weights[0]
+    key = (w0.dtype, w0.device.type)
+    if key in _PLAN:
+        return _PLAN[key]
+    if w0.device.type != "cpu":
+        _PLAN[key] = {"one": "linear", "few": "linear"}
+        return _PLAN[key]
+    plan = {}
+    with torch.inference_mode():
+        for size, n in (("one", 1), ("few", 4)):
+            xs = [torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+            best = {name: float("inf") for name in CANDIDATES[size]}
+            for _ in range(rounds):
+                for name in CANDIDATES[size]:
+                    product = PRODUCTS[name]
+                    start = time.perf_counter()
+                    for x, w in zip(xs, weights):
+                        product(x, w)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            fastest = min(best, key=best.get)  # F.linear unless another is clearly faster (timings are noisy)
+            plan[size] = fastest if best[fastest] < 0.95 * best["linear"] else "linear"
+            plan[f"{size}_us"] = {name: round(1e6 * s, 1) for name, s in best.items()}
+    logging.getLogger(__name__).info("products for %s on %s: %s", w0.dtype, w0.device.type, plan)
+    _PLAN[key] = plan
+    return plan
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] @ w[out, in]^T (+ b). Decode and small verify passes read every weight for a few tokens;
-    on this CPU (torch 2.13, 2 threads) weight-major products stream the weights faster than F.linear.
-    Over SmolLM2's layers in bf16: 12 ms with mv (N = 1) and 13-15 ms with mm(w, x^T) (N = 2..12), against
-    18 ms; in fp32 mv ties F.linear and mm(w, x^T) loses, so fp32 keeps F.linear past one token."""
+    """x [N, in] @ w[out, in]^T (+ b), by the tuned kernel for N (F.linear where none was tuned)."""
     n = x.shape[0]
     # A bias goes inside the product, rounded once. Added after, in bf16, Qwen2's large q/k biases
     # rounded the keys twice: a verify pass of 2-12 tokens then changed an argmax with a 1.3-logit margin
     # (benchmarks/offload.py, measured). F.linear fuses it and, at Qwen2's shapes (1536 in, 256-1536
     # out, 2 threads), beats addmv / addmm (98 vs 132 us at 1 token, 94 vs 155 at 4; the bf16 addmv and
     # addmm kernels are the slow ones), so biased products take it at every size.
-    if b is not None:
+    if b is not None or n > SMALL_BATCH:
         return F.linear(x, w, b)
-    if n == 1:
-        return torch.mv(w, x[0]).unsqueeze(0)
-    if n <= SMALL_BATCH and x.dtype != torch.float32:
-        return torch.mm(w, x.t().contiguous()).t().contiguous()
-    return F.linear(x, w)
+    plan = _PLAN.get((x.dtype, x.device.type))
+    if plan is None:
+        return F.linear(x, w)
+    return PRODUCTS[plan["one" if n == 1 else "few"]](x, w)
 
 
 def _padded(x: torch.Tensor, index: torch.Tensor | None, b: int, width: int) -> torch.Tensor:

@@ -100,21 +100,43 @@ def test_bf16_speculative_greedy_is_the_targets_argmax_outside_near_ties(make_en
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_weight_major_products_equal_linear(dtype):
-    """The lean backend's small-batch matrix products (mv for one token, mm(w, x^T) for a few in bf16)
-    compute F.linear: equal within the dtype's rounding, on every side of the size thresholds."""
-    from cluster.models.lean import SMALL_BATCH, _linear
+def test_every_tuned_product_equals_linear(dtype, monkeypatch):
+    """Whichever kernel tune_products keeps (mv for one token, mm(w, x^T) for a few, or F.linear), the
+    lean backend's products compute F.linear: equal within the dtype's rounding, on every side of the
+    size thresholds, under every plan."""
+    from cluster.models import lean
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g).to(dtype)
     bias = torch.randn(96, generator=g).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 0.06
-    for n in (1, 2, SMALL_BATCH, SMALL_BATCH + 1):
-        x = torch.randn(n, 64, generator=g).to(dtype)
-        for b in (None, bias):
-            got, want = _linear(x, w, b), torch.nn.functional.linear(x, w, b)
-            assert got.shape == want.shape and got.is_contiguous()
-            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (n, dtype)
+    plans = [None] + [{"one": one, "few": few} for one in lean.CANDIDATES["one"] for few in lean.CANDIDATES["few"]]
+    for plan in plans:
+        monkeypatch.setitem(lean._PLAN, (dtype, "cpu"), plan) if plan else monkeypatch.delitem(
+            lean._PLAN, (dtype, "cpu"), raising=False)
+        for n in (1, 2, lean.SMALL_BATCH, lean.SMALL_BATCH + 1):
+            x = torch.randn(n, 64, generator=g).to(dtype)
+            for b in (None, bias):
+                got, want = lean._linear(x, w, b), torch.nn.functional.linear(x, w, b)
+                assert got.shape == want.shape and got.is_contiguous()
+                assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (plan, n, dtype)
+
+
+def test_products_are_tuned_once_per_dtype_on_the_models_weights(monkeypatch):
+    """tune_products times every candidate and keeps one per size (F.linear unless another is faster by
+    more than the noise); a second backend of the same dtype reuses the plan."""
+    from cluster.models import lean
+
+    monkeypatch.setattr(lean, "_PLAN", {})
+    weights = [torch.randn(192, 64).bfloat16(), torch.randn(64, 192).bfloat16()]
+    plan = lean.tune_products(weights, rounds=2)
+    assert plan["one"] in lean.CANDIDATES["one"] and plan["few"] in lean.CANDIDATES["few"]
+    assert set(plan["one_us"]) == set(lean.CANDIDATES["one"]) and all(t > 0 for t in plan["one_us"].values())
+    for size in ("one", "few"):
+        times = plan[f"{size}_us"]
+        assert plan[size] == "linear" or times[plan[size]] < 0.95 * times["linear"]
+    assert lean.tune_products([torch.randn(8, 8).bfloat16()]) is plan  # cached per (dtype, device type)
+    assert lean._PLAN == {(torch.bfloat16, "cpu"): plan}
 
 
 @pytest.mark.parametrize("n", [1, 4, 12, 13])

@@ -1,7 +1,8 @@
 """Train draft heads (cluster/drafters/heads.py) for a target by self-distillation, on this CPU.
 
-1. Prompts: the first third of functions from Python's own standard library, leaving out the modules the
-   drafter benchmark's workloads come from (tools/make_workloads.py), so the workloads stay held out.
+1. Prompts: the first third of functions from Python's own standard library, and (`--chat`, 30%) chat
+   questions about its functions, leaving out the modules the drafter benchmark's workloads come from
+   (tools/make_workloads.py), so the workloads stay held out.
 2. The target writes its own greedy continuations of them (the engine, batched): the heads learn to
    guess what this model will say, not what a corpus says.
 3. One teacher-forced pass per sequence gives the target's last hidden state at every generated
@@ -55,6 +56,32 @@ def prompts(count: int, seed: int = 0, min_lines: int = 9, max_lines: int = 60) 
                 out.append("\n".join(body[: max(3, len(body) // 3)]) + "\n")
     random.Random(seed).shuffle(out)
     return out[:count]
+
+
+QUESTION_FORMS = ["What does `{name}` in Python's `{module}` module do?", "How do I use `{module}.{name}`? Give an example.",
+                  "Explain what this does: {doc}", "When would I use `{name}` from `{module}`?"]
+
+
+def questions(count: int, seed: int = 0) -> list[str]:
+    """Chat questions about stdlib functions outside the workloads' modules (W-chat's questions are
+    written by hand and not among these): the heads also learn how the model answers in prose."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    held_out = {stdlib / m for m in HELD_OUT}
+    out = []
+    for path in sorted(stdlib.glob("*.py")):
+        if path in held_out or path.name.startswith(("test", "_")):
+            continue
+        try:
+            tree = ast.parse(path.read_text())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node):
+                doc = ast.get_docstring(node).strip().splitlines()[0]
+                out.append((path.stem, node.name, doc))
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    return [rng.choice(QUESTION_FORMS).format(module=m, name=n, doc=d) for m, n, d in out[:count]]
 
 
 def log(message: str) -> None:
@@ -213,6 +240,7 @@ def main(argv=None) -> dict:
                         help="hydra: the draft proposes this many most frequent tokens (0: all)")
     parser.add_argument("--regress", type=float, default=1.0, help="hydra: weight of the hidden-state regression")
     parser.add_argument("--prompts", type=int, default=512)
+    parser.add_argument("--chat", type=float, default=0.3, help="this fraction of the prompts are chat questions")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32, help="continuations generated together")
     parser.add_argument("--minutes", type=float, default=15.0, help="the whole run, generation included")
@@ -228,7 +256,18 @@ def main(argv=None) -> dict:
         config = EngineConfig(target=ModelConfig(args.target))
     else:
         config = load_config(args.config)
-    texts = prompts(args.prompts, args.seed)
+    chat = round(args.prompts * args.chat)
+    texts = prompts(args.prompts - chat, args.seed)
+    if chat:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.target.path, local_files_only=True)
+        asked = questions(chat, args.seed)
+        if tokenizer.chat_template:
+            asked = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                   add_generation_prompt=True) for q in asked]
+        texts += asked
+        random.Random(args.seed).shuffle(texts)
     log(f"1/3 {len(texts)} prompts; the target continues them greedily ({args.max_tokens} tokens each)")
     prompt_ids, outputs, engine = generate(config, texts, args.max_tokens, args.batch)
     model = engine.target.backend.model
@@ -262,7 +301,9 @@ def main(argv=None) -> dict:
         "held_out_top1": [round(a, 4) for a in top1], f"held_out_top{args.top_k}": [round(a, 4) for a in topk],
         "held_out_top1_untrained": [round(a, 4) for a in before[0]],
         **({"vocab": len(heads.vocab), "regress": args.regress} if args.arch == "hydra" else {}),
-        "corpus": "first thirds of stdlib functions outside tools/make_workloads.MODULES, greedy continuations",
+        "corpus": "first thirds of stdlib functions outside tools/make_workloads.MODULES, and chat questions about "
+                  "stdlib functions outside them (tools/train_heads.questions), greedy continuations",
+        "chat_prompts": chat,
     }
     save_heads(args.out, heads, meta)
     log(f"wrote {args.out}: held-out top-1 per head {meta['held_out_top1']}, top-{args.top_k} {meta[f'held_out_top{args.top_k}']}")

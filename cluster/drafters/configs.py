@@ -84,16 +84,19 @@ class MultiConfig:
 
 @dataclass
 class HeadsConfig:
-    """Parallel heads (Medusa-1): head i maps the target's last hidden state h to the token i + 1 places
-    after the next one, through a residual SiLU layer and the target's own LM head. `path` holds the
-    weights tools/train_heads.py writes (relative to the config file)."""
+    """Draft heads on the target's last hidden state (cluster/drafters/heads.py: hydra, a step network over
+    the pending token and each guess, or medusa, parallel heads), through the target's own LM head.
+    `path` holds the weights tools/train_heads.py writes (relative to the config file)."""
 
     path: str = ""
     top_k: int = 3  # candidates per head; the tree takes the likeliest paths that fit the budget
+    vocab: int = 0  # hydra: propose only the first this many of the tokens it was trained on (0: all of them)
 
     def validate(self, key: str, check_paths: bool = True) -> None:
         if self.top_k < 1:
             raise ConfigError(f"{key}.top_k: must be >= 1")
+        if self.vocab < 0:
+            raise ConfigError(f"{key}.vocab: must be >= 0")
         if check_paths and not (Path(self.path) / "heads.safetensors").is_file():
             raise ConfigError(f"{key}.path: {self.path!r} holds no heads.safetensors (python -m tools.train_heads)")
 

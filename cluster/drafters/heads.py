@@ -181,8 +181,11 @@ class SequentialHeadsDrafter(Drafter):
 
     name = "heads"
 
-    def __init__(self, heads: SequentialHeads, lm_head: torch.Tensor, embedding: torch.Tensor, top_k: int = 3):
+    def __init__(self, heads: SequentialHeads, lm_head: torch.Tensor, embedding: torch.Tensor, top_k: int = 3,
+                 vocab: int = 0):
         self.heads = heads.to(device=lm_head.device, dtype=torch.float32)
+        if vocab:  # the most frequent first: a prefix is a smaller frequency-ranked head, read once per depth
+            self.heads.vocab = self.heads.vocab[:vocab]
         self.rows = lm_head.detach()[self.heads.vocab].contiguous()  # the proposable rows, in the head's dtype
         self.embedding = embedding.detach()
         self.top_k = top_k
@@ -242,5 +245,6 @@ def build(section, context) -> HeadsDrafter | SequentialHeadsDrafter:
     if isinstance(heads, SequentialHeads):
         if int(heads.vocab.max()) >= lm_head.shape[0]:
             raise ValueError(f"drafter.heads: {section.path} proposes token ids past the target's vocabulary")
-        return SequentialHeadsDrafter(heads, lm_head, source.get_input_embeddings().weight, section.top_k)
+        return SequentialHeadsDrafter(heads, lm_head, source.get_input_embeddings().weight, section.top_k,
+                                      section.vocab)
     return HeadsDrafter(heads, lm_head, section.top_k)

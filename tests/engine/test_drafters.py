@@ -154,6 +154,26 @@ def test_the_heads_script_trains_and_the_heads_draft_trees(make_engine, tiny_hea
     assert any(len(p) > 1 and not p.is_chain and max(p.depths()) >= 2 for _, p in seen)  # deeper than one level
 
 
+def test_heads_cut_to_their_most_frequent_tokens_propose_only_those(make_engine, target_only, tiny_heads):
+    """drafter.heads.vocab: a prefix of the frequency-ranked tokens the heads were trained on (a cheaper
+    head read per depth); what they propose stays inside it and the output stays the target's."""
+    from cluster.drafters.heads import load_heads
+
+    out, _ = tiny_heads
+    trained = load_heads(out)[0].vocab[:50].tolist()
+    base = make_engine("ngram", k=6)
+    config = base.config
+    config.drafter = DrafterConfig("heads", {"heads": HeadsConfig(str(out), top_k=2, vocab=50)})
+    engine = SpecEngine(config, tokenizer=base.tokenizer, target=base.target)
+    seen = []
+    propose = engine.drafter.drafter.propose
+    engine.drafter.drafter.propose = lambda batch: seen.extend(propose(batch)) or seen[-len(batch):]
+    greedy = SamplingParams(max_tokens=24)
+    assert [o.token_ids for o in engine.generate(PROMPTS[:3], greedy)] == \
+        [o.token_ids for o in target_only.generate(PROMPTS[:3], greedy)]
+    assert any(len(p) for p in seen) and all(set(p.tokens) <= set(trained) for p in seen)
+
+
 def test_a_heads_tree_is_its_best_nodes_parents_first():
     import math
 

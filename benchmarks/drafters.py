@@ -36,9 +36,10 @@ from cluster.types import SamplingParams
 WORKLOADS = Path(__file__).with_name("workloads")
 
 
-def drafters(layers: int, heads: str | None) -> dict[str, DrafterConfig | None]:
-    """Every kind; multi merges the cheap searches and, where trained, the heads (the model-based copies
-    cost too much per call on this CPU to ride along)."""
+def drafters(layers: int, heads: str | None, multi_heads: str | None = None) -> dict[str, DrafterConfig | None]:
+    """Every kind; multi merges the cheap searches and, where trained, heads (the model-based copies cost
+    too much per call on this CPU to ride along). The heads row runs `heads` (trained on code); multi runs
+    `multi_heads` (trained on code and chat, for traffic that mixes them) as a fallback member."""
     out = {
         "k0": None,
         "ngram": DrafterConfig("ngram", {"ngram": NgramConfig()}),
@@ -46,11 +47,13 @@ def drafters(layers: int, heads: str | None) -> dict[str, DrafterConfig | None]:
         "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers)}),
         "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
     }
-    members = ["ngram", "suffix"]
     if heads:
         out["heads"] = DrafterConfig("heads", {"heads": HeadsConfig(heads)})
-        members.append("heads")
-    sections = {"multi": MultiConfig(members)} | ({"heads": HeadsConfig(heads)} if heads else {})
+    multi_heads = multi_heads or heads
+    # The heads cost ~6 ms a call here (a pass: 25-35 ms): asked only where the searches found little.
+    members = ["ngram", "suffix"] + (["heads"] if multi_heads else [])
+    sections = {"multi": MultiConfig(members, fallback=["heads"] if multi_heads else [])} | \
+        ({"heads": HeadsConfig(multi_heads)} if multi_heads else {})
     out["multi"] = DrafterConfig("multi", sections)
     return out
 
@@ -117,6 +120,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=8, help="layers of the layer-skip draft")
     parser.add_argument("--heads", default=None, help="trained heads (tools/train_heads.py; default: "
                         "models/<target>-heads when it exists)")
+    parser.add_argument("--multi-heads", default=None, help="the heads multi merges (default: "
+                        "models/<target>-heads-chat when it exists, else --heads)")
     parser.add_argument("--drafters", nargs="+", default=None, help="only these (k0 always runs)")
     parser.add_argument("--fixed-k", type=int, default=4, help="the model-based copies also run at this fixed K, "
                         "so their acceptance is measured even where the cost model would not draft")
@@ -124,10 +129,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = load_config(args.config)
-    heads = args.heads
-    if heads is None:
-        default = Path(config.target.path).with_name(Path(config.target.path).name + "-heads")
-        heads = str(default) if (default / "heads.safetensors").is_file() else None
+    def trained(given, suffix):
+        if given is not None:
+            return given
+        default = Path(config.target.path).with_name(Path(config.target.path).name + suffix)
+        return str(default) if (default / "heads.safetensors").is_file() else None
+
+    heads, multi_heads = trained(args.heads, "-heads"), trained(args.multi_heads, "-heads-chat")
     base_cfg = copy.deepcopy(config)
     base_cfg.speculation.k = 0
     base = SpecEngine(base_cfg)
@@ -137,7 +145,7 @@ def main(argv=None) -> dict:
         base.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm
         reference = run(base, prompts, args.max_tokens)
         prompt_ids = [base.build(p).tokens for p in prompts]
-        for name, drafter in drafters(args.layers, heads).items():
+        for name, drafter in drafters(args.layers, heads, multi_heads).items():
             if args.drafters and name != "k0" and name not in args.drafters:
                 continue
             fixed = None
@@ -177,7 +185,7 @@ def main(argv=None) -> dict:
             peers.append({"workload": workload, "method": method, "tokens_per_s": round(h["tokens"] / h["seconds"], 2)})
     result = {"target": config.target.path.rsplit("/", 1)[-1], "dtype": str(base.target.backend.dtype),
               "prompts_per_workload": args.prompts, "max_tokens": args.max_tokens, "layerskip_layers": args.layers,
-              "heads": heads, "fixed_k": args.fixed_k,
+              "heads": heads, "multi_heads": multi_heads or heads, "fixed_k": args.fixed_k,
               "rows": rows, "peers": peers}
     emit(result, args.json, ["workload", "drafter", "tokens_per_pass", "drafter_us_per_step", "tokens_per_s",
                              "speedup", "exact"])

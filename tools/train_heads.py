@@ -1,6 +1,6 @@
 """Train draft heads (cluster/drafters/heads.py) for a target by self-distillation, on this CPU.
 
-1. Prompts: the first third of functions from Python's own standard library, and (`--chat`, 30%) chat
+1. Prompts: the first third of functions from Python's own standard library, and (`--chat`) chat
    questions about its functions, leaving out the modules the drafter benchmark's workloads come from
    (tools/make_workloads.py), so the workloads stay held out.
 2. The target writes its own greedy continuations of them (the engine, batched): the heads learn to
@@ -240,7 +240,8 @@ def main(argv=None) -> dict:
                         help="hydra: the draft proposes this many most frequent tokens (0: all)")
     parser.add_argument("--regress", type=float, default=1.0, help="hydra: weight of the hidden-state regression")
     parser.add_argument("--prompts", type=int, default=512)
-    parser.add_argument("--chat", type=float, default=0.3, help="this fraction of the prompts are chat questions")
+    parser.add_argument("--chat", type=float, default=0.0, help="this fraction of the prompts are chat questions "
+                        "(0.3 for traffic that mixes code and chat; on code alone it costs accuracy)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32, help="continuations generated together")
     parser.add_argument("--minutes", type=float, default=15.0, help="the whole run, generation included")

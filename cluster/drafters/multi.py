@@ -1,6 +1,7 @@
 """Several drafters at once: their proposals merged into one token tree (shared prefixes once), verified
 in one target pass. Each member is scored online from what the target accepted of its own nodes (no
-extra target cost), and the better members fill the budget first.
+extra target cost), and the better members fill the budget first. A costly member can be a fallback,
+asked only for the requests the others drafted little for.
 
 Lossless with the coupled rule (the default): the target takes the child equal to its own token, however
 many siblings there are. Under the rejection rule a merged tree of sampled drafts would not keep the
@@ -17,8 +18,9 @@ from cluster.drafters.registry import DRAFTERS, build_drafter
 class MultiDrafter(Drafter):
     name = "multi"
 
-    def __init__(self, members: dict[str, Drafter]):
+    def __init__(self, members: dict[str, Drafter], fallback: tuple[str, ...] = (), fallback_below: int = 4):
         self.members = members
+        self.fallback, self.fallback_below = tuple(fallback), fallback_below
         self.score = {name: [1.0, 2.0] for name in members}  # accepted, proposed (a small prior)
         self.last: dict[str, tuple[int, Proposal, list[set[str]]]] = {}  # seq -> (length, tree, owners per node)
 
@@ -32,7 +34,13 @@ class MultiDrafter(Drafter):
     def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
         for r in batch:
             self._credit(r)
-        by_member = {name: m.propose(batch) for name, m in self.members.items()}
+        by_member = {name: m.propose(batch) for name, m in self.members.items() if name not in self.fallback}
+        short = [i for i in range(len(batch)) if max(len(p[i]) for p in by_member.values()) < self.fallback_below]
+        for name in self.fallback:  # only where the others found little
+            asked = self.members[name].propose([batch[i] for i in short]) if short else []
+            by_member[name] = [Proposal() for _ in batch]
+            for i, p in zip(short, asked):
+                by_member[name][i] = p
         order = sorted(self.members, key=lambda n: -self.rates()[n])
         out = []
         for i, r in enumerate(batch):
@@ -109,4 +117,5 @@ def build(section, context) -> MultiDrafter:
     sampling = [m for m in section.members if DRAFTERS[m].model_based]
     if context.rule == "rejection" and sampling:
         raise ValueError(f"drafter.multi: members {sampling} sample; merge them under rule: coupled")
-    return MultiDrafter({name: build_drafter(name, context.sections[name], context) for name in section.members})
+    return MultiDrafter({name: build_drafter(name, context.sections[name], context) for name in section.members},
+                        tuple(section.fallback), section.fallback_below)

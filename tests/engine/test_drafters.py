@@ -101,6 +101,34 @@ def test_suffix_trees_branch_on_frequency():
     assert [proposal.tokens[i] for i, p in enumerate(proposal.parents) if p == 0] == [7]  # after [.., 3]: 7
 
 
+def test_a_fallback_member_is_asked_only_where_the_others_found_little():
+    """multi.fallback: a costly member drafts only the requests the other members proposed fewer than
+    fallback_below nodes for; its nodes join those trees, and the others' trees are theirs alone."""
+    from cluster.config import ConfigError
+    from cluster.drafters.base import Drafter
+    from cluster.drafters.multi import MultiDrafter
+    from cluster.types import SamplingParams as P
+
+    class Fixed(Drafter):
+        def __init__(self, chains):
+            self.chains, self.asked = chains, []
+
+        def propose(self, batch):
+            self.asked += [r.seq_id for r in batch]
+            return [Proposal.chain(self.chains[r.seq_id]) for r in batch]
+
+    search = Fixed({"long": [1, 2, 3, 4, 5], "short": [7], "none": []})
+    costly = Fixed({"long": [9], "short": [7, 8], "none": [6, 6]})
+    multi = MultiDrafter({"search": search, "costly": costly}, fallback=("costly",), fallback_below=4)
+    batch = [DraftRequest(s, [0, 1], 8, P()) for s in ("long", "short", "none")]
+    long, short, none = multi.propose(batch)
+    assert costly.asked == ["short", "none"] and search.asked == ["long", "short", "none"]
+    assert long.tokens == [1, 2, 3, 4, 5] and sorted(short.tokens) == [7, 8] and none.tokens == [6, 6]
+    for bad in (MultiConfig(["ngram", "heads"], fallback=["suffix"]), MultiConfig(["heads"], fallback=["heads"])):
+        with pytest.raises(ConfigError, match="fallback"):
+            bad.validate("drafter.multi")
+
+
 def test_merged_trees_share_prefixes_and_respect_the_budget():
     a = Proposal.chain([5, 6, 7])
     b = Proposal([5, 9, 6], [-1, 0, 0])

@@ -112,8 +112,9 @@ BREAKAGES = [
              ("tests/api/test_hardening.py::test_tiny_temperature_is_greedy",)),
     Breakage("bias-rounded-twice", "small-batch products add the bias after rounding (Qwen2's large k biases)",
              "cluster/models/lean.py",
-             "    if b is not None:\n        return F.linear(x, w, b)\n",
-             "    if b is not None and n > 1:\n        return (torch.mm(w, x.t().contiguous()) + b.unsqueeze(1)).t()\n",
+             "    if b is not None or n > SMALL_BATCH:\n        return F.linear(x, w, b)\n",
+             "    if b is not None and n <= SMALL_BATCH:\n        return (torch.mm(w, x.t().contiguous()) + b.unsqueeze(1)).t()\n"
+             "    if b is not None or n > SMALL_BATCH:\n        return F.linear(x, w, b)\n",
              ("tests/engine/test_backends.py::test_small_batch_products_round_a_large_bias_once",)),
     Breakage("lease-ignores-held", "the pool manager reserves only what it offered, not what a router still honours",
              "cluster/pools/manager.py",
@@ -140,6 +141,16 @@ BREAKAGES = [
              "        return saved * remaining > self.draft_read_rate * read_tokens\n",
              "        return True\n",
              ("tests/unit/test_cost_model.py::test_drafters_start_reading_prompts_only_where_the_read_pays_back",)),
+    Breakage("fallback-asked-everywhere", "a multi drafter's fallback member drafts every request, not only "
+             "where the others found little", "cluster/drafters/multi.py",
+             "        short = [i for i in range(len(batch)) if max(len(p[i]) for p in by_member.values()) < self.fallback_below]\n",
+             "        short = list(range(len(batch)))\n",
+             ("tests/engine/test_drafters.py::test_a_fallback_member_is_asked_only_where_the_others_found_little",)),
+    Breakage("heads-tree-unranked", "a heads tree takes its nodes in the order they were grown, not best first",
+             "cluster/drafters/heads.py",
+             "    order = sorted(range(len(nodes)), key=lambda n: (-nodes[n][0], nodes[n][1]))[:budget]\n",
+             "    order = list(range(len(nodes)))[:budget]\n",
+             ("tests/engine/test_drafters.py::test_a_heads_tree_is_its_best_nodes_parents_first",)),
 ]
 
 

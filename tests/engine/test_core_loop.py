@@ -110,7 +110,10 @@ def test_the_engine_learns_a_drafters_prompt_read_apart_from_its_draft_cost(make
     engine.scheduler.config.adaptive = False  # but K stays 4, so every step drafts whatever the timings say
     cost = engine.scheduler.cost
     assert cost.draft_read_rate is None and cost.draft.seen == 0
-    engine.generate([PROMPT] + OTHERS, SamplingParams(max_tokens=12))
+    # Prompts long enough that reading them outweighs a draft's prior cost, which the engine takes off a
+    # reading call's time (with the one-line prompts the remainder fell below zero on a slower run: unlearned).
+    prompts = [(p + "\n") * 12 for p in [PROMPT] + OTHERS]
+    engine.generate(prompts, SamplingParams(max_tokens=12))
     assert cost.draft_read_rate is not None and cost.draft_read_rate > 0  # the first calls read the prompts
     assert cost.draft.seen > 0  # the later ones drafted from synced drafters
 

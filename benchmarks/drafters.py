@@ -36,7 +36,8 @@ from cluster.types import SamplingParams
 WORKLOADS = Path(__file__).with_name("workloads")
 
 
-def drafters(layers: int, heads: str | None, multi_heads: str | None = None) -> dict[str, DrafterConfig | None]:
+def drafters(layers: int, heads: str | None, multi_heads: str | None = None,
+             heads_vocab: int = 0) -> dict[str, DrafterConfig | None]:
     """Every kind; multi merges the cheap searches and, where trained, heads (the model-based copies cost
     too much per call on this CPU to ride along). The heads row runs `heads` (trained on code); multi runs
     `multi_heads` (trained on code and chat, for traffic that mixes them) as a fallback member."""
@@ -48,12 +49,12 @@ def drafters(layers: int, heads: str | None, multi_heads: str | None = None) -> 
         "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
     }
     if heads:
-        out["heads"] = DrafterConfig("heads", {"heads": HeadsConfig(heads)})
+        out["heads"] = DrafterConfig("heads", {"heads": HeadsConfig(heads, vocab=heads_vocab)})
     multi_heads = multi_heads or heads
     # The heads cost ~6 ms a call here (a pass: 25-35 ms): asked only where the searches found little.
     members = ["ngram", "suffix"] + (["heads"] if multi_heads else [])
     sections = {"multi": MultiConfig(members, fallback=["heads"] if multi_heads else [])} | \
-        ({"heads": HeadsConfig(multi_heads)} if multi_heads else {})
+        ({"heads": HeadsConfig(multi_heads, vocab=heads_vocab)} if multi_heads else {})
     out["multi"] = DrafterConfig("multi", sections)
     return out
 
@@ -122,6 +123,8 @@ def main(argv=None) -> dict:
                         "models/<target>-heads when it exists)")
     parser.add_argument("--multi-heads", default=None, help="the heads multi merges (default: "
                         "models/<target>-heads-chat when it exists, else --heads)")
+    parser.add_argument("--heads-vocab", type=int, default=8192, help="heads propose only their first this many "
+                        "tokens (drafter.heads.vocab; 0: all they were trained on)")
     parser.add_argument("--drafters", nargs="+", default=None, help="only these (k0 always runs)")
     parser.add_argument("--fixed-k", type=int, default=4, help="the model-based copies also run at this fixed K, "
                         "so their acceptance is measured even where the cost model would not draft")
@@ -145,7 +148,7 @@ def main(argv=None) -> dict:
         base.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm
         reference = run(base, prompts, args.max_tokens)
         prompt_ids = [base.build(p).tokens for p in prompts]
-        for name, drafter in drafters(args.layers, heads, multi_heads).items():
+        for name, drafter in drafters(args.layers, heads, multi_heads, args.heads_vocab).items():
             if args.drafters and name != "k0" and name not in args.drafters:
                 continue
             fixed = None
@@ -185,7 +188,7 @@ def main(argv=None) -> dict:
             peers.append({"workload": workload, "method": method, "tokens_per_s": round(h["tokens"] / h["seconds"], 2)})
     result = {"target": config.target.path.rsplit("/", 1)[-1], "dtype": str(base.target.backend.dtype),
               "prompts_per_workload": args.prompts, "max_tokens": args.max_tokens, "layerskip_layers": args.layers,
-              "heads": heads, "multi_heads": multi_heads or heads, "fixed_k": args.fixed_k,
+              "heads": heads, "multi_heads": multi_heads or heads, "heads_vocab": args.heads_vocab, "fixed_k": args.fixed_k,
               "rows": rows, "peers": peers}
     emit(result, args.json, ["workload", "drafter", "tokens_per_pass", "drafter_us_per_step", "tokens_per_s",
                              "speedup", "exact"])

@@ -137,6 +137,16 @@ def best_paths(logprobs: list[list[tuple[int, float]]], budget: int) -> Proposal
     return Proposal(tokens, parents)
 
 
+def _with_hidden(batch: list[DraftRequest], device, dtype) -> tuple[list[Proposal], list[int], torch.Tensor | None]:
+    """(an empty proposal per request, the requests that carry a hidden state, those states stacked [R, H]).
+    A request without one (none returned yet) gets nothing drafted."""
+    out = [Proposal() for _ in batch]
+    rows = [i for i, r in enumerate(batch) if r.hidden is not None]
+    if not rows:
+        return out, rows, None
+    return out, rows, torch.stack([torch.as_tensor(batch[i].hidden) for i in rows]).to(device, dtype)
+
+
 class HeadsDrafter(Drafter):
     name = "heads"
 
@@ -147,11 +157,9 @@ class HeadsDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
-        out = [Proposal() for _ in batch]
-        rows = [i for i, r in enumerate(batch) if r.hidden is not None]  # none yet: nothing to draft from
+        out, rows, h = _with_hidden(batch, self.lm_head.device, torch.float32)
         if not rows:
             return out
-        h = torch.stack([torch.as_tensor(batch[i].hidden) for i in rows]).to(self.lm_head.device, torch.float32)
         top = torch.log_softmax(self.heads.logits(h, self.lm_head), -1).topk(self.top_k, dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()  # [K][R][top_k]
         for r, i in enumerate(rows):
@@ -194,16 +202,14 @@ class SequentialHeadsDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftRequest]) -> list[Proposal]:
-        out = [Proposal() for _ in batch]
-        rows = [i for i, r in enumerate(batch) if r.hidden is not None]  # none yet: nothing to draft from
+        device = self.rows.device
+        out, rows, s = _with_hidden(batch, device, self.rows.dtype)
         if not rows:
             return out
         from cluster.models.lean import _linear  # the small-batch products: every frontier row reads the head once
 
-        device = self.rows.device
         depth = {i: min(self.heads.depth, batch[i].budget) for i in rows}
         nodes = {i: [] for i in rows}  # per row: (score, depth, token, parent)
-        s = torch.stack([torch.as_tensor(batch[i].hidden) for i in rows]).to(device, self.rows.dtype)
         tokens = torch.tensor([batch[i].tokens[-1] for i in rows], device=device)
         frontier = [(i, 0.0, -1) for i in rows]  # per state row: (request, path score, node it extends)
         for d in range(max(depth.values())):

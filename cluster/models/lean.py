@@ -60,7 +60,7 @@ class LeanBackend(HFBackend):
         self.head_ids, self.head_rows = None, self.head.weight  # all of the vocabulary, in id order
         if self.layers and self.layers[0][1].device.type != "meta":
             _, qkv, _, o, _, gate_up, down, _ = self.layers[0]
-            self.products = tune_products([qkv, o, gate_up, down, self.head.weight])
+            tune_products([qkv, o, gate_up, down, self.head.weight])  # once per dtype in a process
 
     def restrict_head(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Logits for token ids `ids` only, from head rows `rows` (rows[i] is token ids[i]'s); the others

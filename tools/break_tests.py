@@ -116,6 +116,11 @@ BREAKAGES = [
              "    if b is not None and n <= SMALL_BATCH:\n        return (torch.mm(w, x.t().contiguous()) + b.unsqueeze(1)).t()\n"
              "    if b is not None or n > SMALL_BATCH:\n        return F.linear(x, w, b)\n",
              ("tests/engine/test_backends.py::test_small_batch_products_round_a_large_bias_once",)),
+    Breakage("native-truncates", "the native bf16 products truncate their fp32 sums instead of rounding to nearest",
+             "cluster/models/bf16_products.c",
+             "    u += 0x7FFF + ((u >> 16) & 1);  /* round to nearest even (no NaNs reach here) */\n",
+             "",
+             ("tests/engine/test_backends.py::test_native_products_equal_linear_on_every_shape_they_take",)),
     Breakage("lease-ignores-held", "the pool manager reserves only what it offered, not what a router still honours",
              "cluster/pools/manager.py",
              "        reserved = sum(max(s.offers.get(worker, 0), s.report.held.get(worker, 0), s.report.usage.get(worker, 0))\n",

@@ -15,3 +15,6 @@ if ! "$PY" -c "import cluster, torch, transformers, ray, grpc_reflection, specde
   "$PY" -m pip install -q torch==2.13.0
   "$PY" -m pip install -q -e ".${EXTRAS}"
 fi
+# Build the native bf16 kernel ahead of the first pass (cached; says "unavailable" where the CPU or
+# compiler lacks what it needs, and the backends then use F.linear).
+"$PY" -m cluster.models.native || true

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cluster.models import native
 from cluster.models.backend import HFBackend, PassOutput, Row, _tree
 from cluster.models.paged_cache import PagedKVCache
 
@@ -158,7 +159,8 @@ class LeanBackend(HFBackend):
         group = heads // self.n_kv
         if group > 1:
             q = q.reshape(b, self.n_kv, group * width, dim)
-            mask = mask.repeat(1, 1, group, 1)
+            if mask.shape[2] != group * width:  # callers pass it stacked already (once a pass, not a layer)
+                mask = mask.repeat(1, 1, group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.view(b, heads, width, dim)
 
@@ -223,6 +225,7 @@ class _Group:
         in_block = (written >= 0) & (written < w)
         allowed = (key_pos < start) | (in_block & ancestor.gather(2, written.clamp(0, w - 1).expand(-1, w, -1)))
         self.mask = allowed.unsqueeze(1).to(dev)  # [g, 1, w, span]
+        self.stacked = None
 
     def attend(self, backend, q, keys, values):
         """q: [g * w, heads, D] -> [g, w, heads, D]."""
@@ -234,7 +237,11 @@ class _Group:
             bs = span // (len(self.tables) // g)
             kk = keys.view(-1, bs, kv, d).index_select(0, self.tables).view(g, span, kv, d)
             vv = values.view(-1, bs, kv, d).index_select(0, self.tables).view(g, span, kv, d)
-        out = backend._attention(q.view(g, w, -1, d).transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), self.mask)
+        if self.stacked is None:  # the mask per stacked query head, built once for the pass's every layer
+            group = backend.n_heads // kv
+            self.stacked = self.mask.repeat(1, 1, group, 1) if group > 1 else self.mask
+        out = backend._attention(q.view(g, w, -1, d).transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                 self.stacked)
         return out.transpose(1, 2)
 
 
@@ -245,13 +252,16 @@ SMALL_BATCH = 12  # "few" tokens: up to this many, a weight-major product may be
 # weights faster: SmolLM2's layers took 12 ms with mv at N = 1 and 13-15 ms with mm(w, x^T) at N = 2..12,
 # against 18 ms with F.linear. On an AVX-512 CPU without AMX the same choice was 1.34x slower than
 # F.linear (39 vs 29 ms a decode pass), mv being the slowest kernel there. So each process times the
-# candidates on its model's own weights once per dtype (tune_products) and keeps the fastest.
+# candidates on its model's own weights once per dtype (tune_products) and keeps the fastest. In bf16 on
+# a CPU with AVX512-BF16 the candidates include a native loop (cluster/models/native.py): on the AVX-512
+# machine it read SmolLM2's weights 1.3-1.9x faster than F.linear at 1-12 tokens.
 PRODUCTS = {
     "linear": lambda x, w: F.linear(x, w),
     "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0),
     "mm_wxT": lambda x, w: torch.mm(w, x.t().contiguous()).t().contiguous(),
+    "native": native.product,
 }
-CANDIDATES = {"one": ("linear", "mv", "mm_wxT"), "few": ("linear", "mm_wxT")}
+CANDIDATES = {"one": ("linear", "mv", "mm_wxT", "native"), "few": ("linear", "mm_wxT", "native")}
 _PLAN: dict[tuple[torch.dtype, str], dict[str, str]] = {}  # (dtype, device type) -> {"one": name, "few": name}
 
 
@@ -273,9 +283,11 @@ def tune_products(weights: list[torch.Tensor], rounds: int = 5) -> dict[str, str
     with torch.inference_mode():
         for size, n in (("one", 1), ("few", 4)):
             xs = [torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
-            best = {name: float("inf") for name in CANDIDATES[size]}
+            candidates = [name for name in CANDIDATES[size]
+                          if name != "native" or (native.products() is not None and native.covers(xs[0], w0))]
+            best = {name: float("inf") for name in candidates}
             for _ in range(rounds):
-                for name in CANDIDATES[size]:
+                for name in candidates:
                     product = PRODUCTS[name]
                     start = time.perf_counter()
                     for x, w in zip(xs, weights):

@@ -125,18 +125,72 @@ def test_every_tuned_product_equals_linear(dtype, monkeypatch):
 def test_products_are_tuned_once_per_dtype_on_the_models_weights(monkeypatch):
     """tune_products times every candidate and keeps one per size (F.linear unless another is faster by
     more than the noise); a second backend of the same dtype reuses the plan."""
-    from cluster.models import lean
+    from cluster.models import lean, native
 
     monkeypatch.setattr(lean, "_PLAN", {})
     weights = [torch.randn(192, 64).bfloat16(), torch.randn(64, 192).bfloat16()]
     plan = lean.tune_products(weights, rounds=2)
     assert plan["one"] in lean.CANDIDATES["one"] and plan["few"] in lean.CANDIDATES["few"]
-    assert set(plan["one_us"]) == set(lean.CANDIDATES["one"]) and all(t > 0 for t in plan["one_us"].values())
+    timed = {name for name in lean.CANDIDATES["one"] if name != "native" or native.products() is not None}
+    assert set(plan["one_us"]) == timed and all(t > 0 for t in plan["one_us"].values())
     for size in ("one", "few"):
         times = plan[f"{size}_us"]
         assert plan[size] == "linear" or times[plan[size]] < 0.95 * times["linear"]
     assert lean.tune_products([torch.randn(8, 8).bfloat16()]) is plan  # cached per (dtype, device type)
     assert lean._PLAN == {(torch.bfloat16, "cpu"): plan}
+
+
+def test_native_products_equal_linear_on_every_shape_they_take():
+    """The native bf16 kernel (8-row tiles, 2-token tiles, the rows past the last tile done plainly)
+    computes F.linear: fp32 sums rounded once to bf16, so it differs from torch's only by the order of
+    the fp32 additions, at most one bf16 step and at a small fraction of elements."""
+    from cluster.models import native
+
+    if native.products() is None:
+        pytest.skip("no AVX512-BF16 or no C compiler here: the kernel is not built, F.linear is used")
+    gen = torch.Generator().manual_seed(0)
+    for out, inner in ((7, 32), (8, 64), (13, 96), (96, 576), (1000, 1536)):  # tiles, remainders, both
+        w = torch.randn(out, inner, generator=gen).bfloat16()
+        for n in (1, 2, 3, 5, 12, 13):
+            x = torch.randn(n, 2 * inner, generator=gen).bfloat16()[:, ::2]  # not contiguous: copied first
+            got, want = native.product(x, w), F.linear(x, w)
+            assert got.shape == want.shape and got.dtype == torch.bfloat16
+            exact = F.linear(x.float(), w.float())
+            step = exact.abs().clamp_min(1e-3) * 2 ** -7  # one bf16 step (8 bits of mantissa)
+            assert ((got.float() - exact).abs() <= step).all(), (out, inner, n)
+            assert (got != want).float().mean() < 0.01, (out, inner, n)
+
+
+def test_native_products_fall_back_to_linear_where_they_do_not_apply(monkeypatch):
+    """fp32, a width that is not a multiple of 32, a weight that is a strided view, or no kernel built
+    on this machine: F.linear computes it, identically."""
+    from cluster.models import native
+
+    w = torch.randn(40, 64).bfloat16()
+    for x, ww in ((torch.randn(2, 64), w.float()), (torch.randn(2, 48).bfloat16(), w[:, :48]),
+                  (torch.randn(2, 40).bfloat16(), w.t())):
+        assert not native.covers(x, ww)
+        assert torch.equal(native.product(x, ww), F.linear(x, ww))
+    monkeypatch.setattr(native, "_lib", [None])  # as on a CPU without AVX512-BF16
+    x = torch.randn(3, 64).bfloat16()
+    assert native.covers(x, w) and torch.equal(native.product(x, w), F.linear(x, w))
+
+
+def test_native_kernel_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
+    """Built into the cache under a name from the source's and flags' hash; a second build reuses it."""
+    from cluster.models import native
+
+    if not native.cpu_has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: nothing is built")
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    first = native.build()
+    if first is None:
+        pytest.skip("no C compiler here")
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DUNUSED"])
+    assert native.build() != first  # other flags, another library
 
 
 @pytest.mark.parametrize("n", [1, 4, 12, 13])

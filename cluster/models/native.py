@@ -1,0 +1,103 @@
+"""The one native kernel: bf16 products for one token or a few (bf16_products.c), built with the
+machine's C compiler on first use and called through ctypes.
+
+It is an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
+fails, or a shape or layout is outside what the kernel takes, `products()` is None or `product()` falls
+back to F.linear, and the lean backend's tuner (lean.tune_products) keeps it only where it measured
+faster on the model's own weights. `python -m cluster.models.native` builds it ahead (tools/setup.sh).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch  # loaded first: the kernel's OpenMP calls then share torch's runtime and its threads
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("bf16_products.c")
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+_lib: list = []  # [] not tried yet; [None] unavailable; [function] loaded
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+
+
+def cpu_has_bf16_dot() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags.split()
+
+
+def build() -> Path | None:
+    """The shared library for this source and these flags (built once, cached by their hash), or None."""
+    if not cpu_has_bf16_dot():
+        log.info("native bf16 products: this CPU has no avx512_bf16; F.linear is used")
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        log.warning("native bf16 products: no C compiler found; F.linear is used")
+        return None
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / f"bf16_products-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # built aside, then renamed: concurrent builders never see half a file
+    done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("native bf16 products: build failed, F.linear is used:\n%s", done.stderr[-2000:])
+        tmp.unlink(missing_ok=True)
+        return None
+    os.replace(tmp, out)
+    log.info("native bf16 products built: %s", out)
+    return out
+
+
+def products():
+    """The loaded kernel (a ctypes function), or None where it is unavailable. Loaded once per process."""
+    if not _lib:
+        path = build()
+        fn = None
+        if path is not None:
+            try:
+                fn = ctypes.CDLL(str(path)).bf16_products
+                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+                fn.restype = None
+            except OSError as e:
+                log.warning("native bf16 products: load failed (%s); F.linear is used", e)
+                fn = None
+        _lib.append(fn)
+    return _lib[0]
+
+
+def covers(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the kernel takes this product as it is laid out (else F.linear does it)."""
+    return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu"
+            and x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and x.shape[1] % 32 == 0
+            and w.is_contiguous() and x.shape[0] > 0)
+
+
+def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ w [out, in]^T, bf16, by the native kernel where it covers them, else F.linear."""
+    fn = products()
+    if fn is None or not covers(x, w):
+        return F.linear(x, w)
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0], torch.get_num_threads())
+    return y
+
+
+if __name__ == "__main__":  # build ahead of the first pass (tools/setup.sh); says what it found
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("native bf16 products:", "available" if products() is not None else "unavailable (F.linear is used)")

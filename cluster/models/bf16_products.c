@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #define R 8    /* weight rows per tile */
 #define PF 32  /* prefetch the rows this far ahead */
@@ -74,4 +75,20 @@ void bf16_products(const uint16_t *x, const uint16_t *w, uint16_t *y, int n, int
             for (int i = 0; i < in; i++) s += from_bf16(x[(size_t)t * in + i]) * from_bf16(w[(size_t)o * in + i]);
             y[(size_t)t * out + o] = to_bf16(s);
         }
+}
+
+/* HF's RMSNorm for bf16 rows x [n, dim]: normalise in fp32, round to bf16, then scale by the bf16 weight
+ * (the product rounded to bf16), as LlamaRMSNorm computes it, in one call instead of five torch ops
+ * (~40 us a call on 2 threads here, 61 calls a SmolLM2 pass). Only the order of the fp32 sum of squares
+ * differs from torch's. */
+void bf16_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *y, int n, int dim, float eps) {
+    for (int t = 0; t < n; t++) {
+        const uint16_t *xt = x + (size_t)t * dim;
+        uint16_t *yt = y + (size_t)t * dim;
+        float ss = 0;
+        for (int i = 0; i < dim; i++) { float v = from_bf16(xt[i]); ss += v * v; }
+        float scale = 1.0f / sqrtf(ss / dim + eps);
+        for (int i = 0; i < dim; i++)
+            yt[i] = to_bf16(from_bf16(w[i]) * from_bf16(to_bf16(from_bf16(xt[i]) * scale)));
+    }
 }

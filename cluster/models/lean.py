@@ -72,7 +72,11 @@ class LeanBackend(HFBackend):
         self.head_ids, self.head_rows = ids.to(self.device), rows
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """HF's RMSNorm (normalise in fp32, cast, then scale), in one fused call."""
+        """HF's RMSNorm (normalise in fp32, cast, then scale): in bf16 one native call where it is built
+        (torch's four ops cost ~40 us a call here, 61 calls a pass), else torch's fused norm."""
+        y = native.rms_norm(x, weight, self.eps)
+        if y is not None:
+            return y
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
     @torch.inference_mode()

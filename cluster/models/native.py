@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("bf16_products.c")
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
-_lib: list = []  # [] not tried yet; [None] unavailable; [function] loaded
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_lib: list = []  # [] not tried yet; [None] unavailable; [library] loaded
 
 
 def cache_dir() -> Path:
@@ -63,21 +63,28 @@ def build() -> Path | None:
     return out
 
 
-def products():
-    """The loaded kernel (a ctypes function), or None where it is unavailable. Loaded once per process."""
+def library():
+    """The loaded library (ctypes), or None where it is unavailable. Loaded once per process."""
     if not _lib:
         path = build()
-        fn = None
+        lib = None
         if path is not None:
             try:
-                fn = ctypes.CDLL(str(path)).bf16_products
-                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-                fn.restype = None
-            except OSError as e:
-                log.warning("native bf16 products: load failed (%s); F.linear is used", e)
-                fn = None
-        _lib.append(fn)
+                lib = ctypes.CDLL(str(path))
+                lib.bf16_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+                lib.bf16_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+                lib.bf16_products.restype = lib.bf16_rms_norm.restype = None
+            except (OSError, AttributeError) as e:
+                log.warning("native bf16 kernels: load failed (%s); torch's are used", e)
+                lib = None
+        _lib.append(lib)
     return _lib[0]
+
+
+def products():
+    """The products kernel, or None where the library is unavailable."""
+    lib = library()
+    return None if lib is None else lib.bf16_products
 
 
 def covers(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -88,13 +95,28 @@ def covers(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [N, in] @ w [out, in]^T, bf16, by the native kernel where it covers them, else F.linear."""
+    """x [N, in] @ w [out, in]^T, bf16, by the native kernel where it covers them, else F.linear.
+    Called ~120 times a pass: what it checks is kept to what a call needs."""
     fn = products()
     if fn is None or not covers(x, w):
         return F.linear(x, w)
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0], torch.get_num_threads())
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n, out = x.shape[0], w.shape[0]
+    y = torch.empty(n, out, dtype=torch.bfloat16)
+    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), n, x.shape[1], out, torch.get_num_threads())
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """HF's RMSNorm (fp32 normalise, cast, scale) of bf16 rows x [N, H] in one native call, or None where
+    the kernel does not take them (the caller then uses torch's ops)."""
+    lib = library()
+    if (lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or x.dim() != 2 or not x.is_contiguous() or not weight.is_contiguous()):
+        return None
+    y = torch.empty_like(x)
+    lib.bf16_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
     return y
 
 

@@ -176,6 +176,29 @@ def test_native_products_fall_back_to_linear_where_they_do_not_apply(monkeypatch
     assert native.covers(x, w) and torch.equal(native.product(x, w), F.linear(x, w))
 
 
+def test_native_rms_norm_is_hfs_rms_norm():
+    """The native norm computes LlamaRMSNorm's bf16 output (normalise in fp32, round, scale by the bf16
+    weight, round): equal to HF's module at all but a rare element whose fp32 sum of squares, added in
+    another order, rounds the other way. Where it does not apply (fp32, a strided row) it says so."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from cluster.models import native
+
+    if native.library() is None:
+        pytest.skip("no AVX512-BF16 or no C compiler here: torch's norm is used")
+    gen = torch.Generator().manual_seed(0)
+    module = LlamaRMSNorm(576, eps=1e-5).bfloat16()
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(576, generator=gen) + 0.5)
+    for n in (1, 7, 64):
+        x = (torch.randn(n, 576, generator=gen) * 4).bfloat16()
+        got, want = native.rms_norm(x, module.weight, 1e-5), module(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        assert (got != want).float().mean() < 0.001 and torch.allclose(got.float(), want.float(), rtol=2 ** -7)
+    x = torch.randn(4, 576).bfloat16()
+    assert native.rms_norm(x.float(), module.weight, 1e-5) is None
+    assert native.rms_norm(torch.randn(4, 1152).bfloat16()[:, ::2], module.weight, 1e-5) is None
+
+
 def test_native_kernel_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     """Built into the cache under a name from the source's and flags' hash; a second build reuses it."""
     from cluster.models import native

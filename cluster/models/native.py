@@ -1,10 +1,10 @@
-"""The one native kernel: bf16 products for one token or a few (bf16_products.c), built with the
-machine's C compiler on first use and called through ctypes.
+"""The native bf16 kernels (bf16_products.c): products for one token or a few, and HF's RMSNorm; built
+with the machine's C compiler on first use and called through ctypes.
 
-It is an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
-fails, or a shape or layout is outside what the kernel takes, `products()` is None or `product()` falls
-back to F.linear, and the lean backend's tuner (lean.tune_products) keeps it only where it measured
-faster on the model's own weights. `python -m cluster.models.native` builds it ahead (tools/setup.sh).
+They are an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
+fails, or a shape or layout is outside what a kernel takes, `library()` is None, `product()` falls back to
+F.linear and `rms_norm()` returns None (torch's ops run), and the lean backend's tuner
+(lean.tune_products) keeps the products only where they measured faster on the model's own weights. `python -m cluster.models.native` builds it ahead (tools/setup.sh).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("bf16_products.c")
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC", "-lm"]
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]  # after the source, where the linker resolves what it uses
 _lib: list = []  # [] not tried yet; [None] unavailable; [library] loaded
 
 
@@ -41,11 +42,11 @@ def cpu_has_bf16_dot() -> bool:
 def build() -> Path | None:
     """The shared library for this source and these flags (built once, cached by their hash), or None."""
     if not cpu_has_bf16_dot():
-        log.info("native bf16 products: this CPU has no avx512_bf16; F.linear is used")
+        log.info("native bf16 kernels: this CPU has no avx512_bf16; torch's ops are used")
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        log.warning("native bf16 products: no C compiler found; F.linear is used")
+        log.warning("native bf16 kernels: no C compiler found; torch's ops are used")
         return None
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = cache_dir() / f"bf16_products-{tag}.so"
@@ -53,13 +54,13 @@ def build() -> Path | None:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")  # built aside, then renamed: concurrent builders never see half a file
-    done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), *LIBS], capture_output=True, text=True)
     if done.returncode != 0:
-        log.warning("native bf16 products: build failed, F.linear is used:\n%s", done.stderr[-2000:])
+        log.warning("native bf16 kernels: build failed, torch's ops are used:\n%s", done.stderr[-2000:])
         tmp.unlink(missing_ok=True)
         return None
     os.replace(tmp, out)
-    log.info("native bf16 products built: %s", out)
+    log.info("native bf16 kernels built: %s", out)
     return out
 
 
@@ -122,4 +123,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 if __name__ == "__main__":  # build ahead of the first pass (tools/setup.sh); says what it found
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("native bf16 products:", "available" if products() is not None else "unavailable (F.linear is used)")
+    print("native bf16 kernels:", "available" if library() is not None else "unavailable (torch's ops are used)")

@@ -107,18 +107,20 @@ class LeanBackend(HFBackend):
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=dev)
         x = self._embed(ids)  # [N, H]
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0).to(dev))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, D]
+        cos, sin = cos[0], sin[0]  # [N, D]
         cache.ensure_layers(len(self.layers), self.n_kv, self.head_dim, x.dtype, dev)
         nq, nk, n = self.n_heads * self.head_dim, self.n_kv * self.head_dim, len(ids)
         for li, (ln1, qkv_w, qkv_b, o_w, ln2, gate_up, down, g) in enumerate(self.layers):
             h = self._norm(x, ln1)
             qkv = _linear(h, qkv_w, qkv_b)
-            qk = _rope(qkv[:, :nq + nk].view(n, self.n_heads + self.n_kv, self.head_dim), cos, sin)  # q and k at once
-            q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
-            v = qkv[:, nq + nk:].view(n, self.n_kv, self.head_dim)
             keys, values = cache.keys[li], cache.values[li]
-            keys[write] = k
-            values[write] = v
+            q = native.rope_write(qkv, cos, sin, write, keys, values, self.n_heads)  # one call where it is built
+            if q is None:
+                qk = _rope(qkv[:, :nq + nk].view(n, self.n_heads + self.n_kv, self.head_dim), cos.unsqueeze(1),
+                           sin.unsqueeze(1))  # q and k at once
+                q = qk[:, : self.n_heads]
+                keys[write] = qk[:, self.n_heads:]
+                values[write] = qkv[:, nq + nk:].view(n, self.n_kv, self.head_dim)
             if len(groups) == 1:
                 attn = groups[0].attend(self, q, keys, values).reshape(n, nq)
             else:
@@ -152,8 +154,7 @@ class LeanBackend(HFBackend):
 
     def _ffn(self, li: int, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, g: int) -> torch.Tensor:
         """SwiGLU over resident weights (the offloaded backend streams them instead)."""
-        gu = _linear(h, gate_up)
-        return _linear(F.silu(gu[:, :g]) * gu[:, g:], down)
+        return _linear(swiglu(_linear(h, gate_up), g), down)
 
     def _attention(self, q, k, v, mask):
         """Scaled dot-product attention, q [B, heads, W, D] over k, v [B, kv_heads, S, D]. The query heads
@@ -234,6 +235,9 @@ class _Group:
     def attend(self, backend, q, keys, values):
         """q: [g * w, heads, D] -> [g, w, heads, D]."""
         g, w, span, kv, d = self.size, self.width, self.span, backend.n_kv, backend.head_dim
+        out = native.attention(q, keys, values, self.tables, self.mask, g, w, d ** -0.5)  # reads the pool in place
+        if out is not None:
+            return out.view(g, w, -1, d)
         if self.first is not None:
             kk, vv = keys[self.first:self.first + span].unsqueeze(0), values[self.first:self.first + span].unsqueeze(0)
         else:
@@ -315,6 +319,13 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     if plan is None:
         return F.linear(x, w)
     return PRODUCTS[plan["one" if n == 1 else "few"]](x, w)
+
+
+def swiglu(gate_up: torch.Tensor, g: int) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up product's rows [N, 2 g] (gate first): one native call in bf16
+    where it is built, else torch's two ops, rounded alike."""
+    y = native.silu_mul(gate_up) if gate_up.shape[1] == 2 * g else None
+    return y if y is not None else F.silu(gate_up[:, :g]) * gate_up[:, g:]
 
 
 def _padded(x: torch.Tensor, index: torch.Tensor | None, b: int, width: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""The native bf16 kernels (bf16_products.c): products for one token or a few, and HF's RMSNorm; built
-with the machine's C compiler on first use and called through ctypes.
+"""The native bf16 kernels (bf16_kernels.c): products for one token or a few, HF's RMSNorm, and attention
+over a paged KV cache; built with the machine's C compiler on first use and called through ctypes.
 
 They are an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
 fails, or a shape or layout is outside what a kernel takes, `library()` is None, `product()` falls back to
-F.linear and `rms_norm()` returns None (torch's ops run), and the lean backend's tuner
+F.linear, `rms_norm()` and `attention()` return None (torch's ops run), and the lean backend's tuner
 (lean.tune_products) keeps the products only where they measured faster on the model's own weights. `python -m cluster.models.native` builds it ahead (tools/setup.sh).
 """
 
@@ -21,7 +21,7 @@ import torch  # loaded first: the kernel's OpenMP calls then share torch's runti
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("bf16_products.c")
+SOURCE = Path(__file__).with_name("bf16_kernels.c")
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # after the source, where the linker resolves what it uses
 _lib: list = []  # [] not tried yet; [None] unavailable; [library] loaded
@@ -49,7 +49,7 @@ def build() -> Path | None:
         log.warning("native bf16 kernels: no C compiler found; torch's ops are used")
         return None
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / f"bf16_products-{tag}.so"
+    out = cache_dir() / f"bf16_kernels-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,14 @@ def library():
                 lib = ctypes.CDLL(str(path))
                 lib.bf16_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
                 lib.bf16_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
-                lib.bf16_products.restype = lib.bf16_rms_norm.restype = None
+                lib.bf16_attention.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
+                                               + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 5
+                                               + [ctypes.c_float, ctypes.c_int])
+                lib.bf16_rope_write.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+                lib.bf16_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+                for fn in (lib.bf16_products, lib.bf16_rms_norm, lib.bf16_attention, lib.bf16_rope_write,
+                           lib.bf16_silu_mul):
+                    fn.restype = None
             except (OSError, AttributeError) as e:
                 log.warning("native bf16 kernels: load failed (%s); torch's are used", e)
                 lib = None
@@ -119,6 +126,63 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     y = torch.empty_like(x)
     lib.bf16_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
     return y
+
+
+def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """HF's rotary embedding of the queries and keys in qkv [N, (heads + 2 kv) * D] (cos, sin [N, D]), the
+    keys and values written to the pool at positions `write` [N]: the rotated queries [N, heads, D], or None
+    where the kernel does not take these tensors (nothing is written then)."""
+    lib = library()
+    kv, dim = keys.shape[1], keys.shape[2]
+    n = qkv.shape[0]
+    if (lib is None or not qkv.dtype == cos.dtype == sin.dtype == keys.dtype == values.dtype == torch.bfloat16
+            or qkv.device.type != "cpu" or dim % 2 or qkv.shape[1] != (heads + 2 * kv) * dim
+            or cos.shape != (n, dim) or sin.shape != (n, dim) or write.dtype != torch.int64 or write.shape != (n,)
+            or not all(t.is_contiguous() for t in (qkv, cos, sin, write, keys, values))):
+        return None
+    q = torch.empty(n, heads, dim, dtype=torch.bfloat16)
+    lib.bf16_rope_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), write.data_ptr(), keys.data_ptr(),
+                        values.data_ptr(), q.data_ptr(), n, heads, kv, dim)
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of the fused gate/up product's rows [N, 2 g] -> [N, g], or None where the kernel does
+    not take them."""
+    lib = library()
+    if lib is None or gate_up.dtype != torch.bfloat16 or gate_up.device.type != "cpu" or gate_up.dim() != 2 \
+            or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
+        return None
+    n, g = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty(n, g, dtype=torch.bfloat16)
+    lib.bf16_silu_mul(gate_up.data_ptr(), y.data_ptr(), n, g)
+    return y
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
+              rows: int, width: int, scale: float) -> torch.Tensor | None:
+    """Scaled-dot-product attention of `rows` rows with `width` new tokens each over their cached keys, or
+    None where the kernel does not take these tensors (the caller then runs torch's SDPA).
+
+    q [rows * width, heads, D] (rows of a wider q/k/v tensor may be strided); keys, values: one layer's
+    pool [blocks * bs, kv, D]; tables [rows * nb] block ids (int64); mask [rows, 1, stack * width, nb * bs]
+    bool (stack = heads / kv, query head h's token t at (h % stack) * width + t). -> [rows * width, heads, D]."""
+    lib = library()
+    n, heads, dim = q.shape
+    kv = keys.shape[1]
+    nb = tables.numel() // rows
+    bs = mask.shape[-1] // nb
+    if (lib is None or not q.dtype == keys.dtype == values.dtype == torch.bfloat16 or q.device.type != "cpu"
+            or dim % 16 or dim > 256 or bs > 256 or q.stride(2) != 1 or q.stride(1) != dim
+            or not (keys.is_contiguous() and values.is_contiguous() and mask.is_contiguous())
+            or tables.dtype != torch.int64 or mask.dtype != torch.bool or mask.shape[-2] != heads // kv * width):
+        return None
+    tables = tables.contiguous()
+    out = torch.empty(n, heads, dim, dtype=torch.bfloat16)
+    lib.bf16_attention(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), nb, bs,
+                       mask.data_ptr(), out.data_ptr(), rows, width, heads, kv, dim, scale, torch.get_num_threads())
+    return out
 
 
 if __name__ == "__main__":  # build ahead of the first pass (tools/setup.sh); says what it found

@@ -232,3 +232,105 @@ def test_small_batch_products_round_a_large_bias_once(n):
     got = _linear(x, w, b)
     assert got.shape == (n, 256)
     assert (got != once).float().mean() < 0.01  # rounding twice disagreed at 13% of elements here
+
+
+def _paged_rows(gen, heads=9, kv=3, d=64, bs=16):
+    """A bf16 pool of random keys and values (stale ones past each row's end included) and three rows whose
+    blocks interleave in it: a 3-token tree, a 3-token chain and one token, over 37, 5 and 120 cached."""
+    from cluster.models.backend import _tree
+    from cluster.models.lean import _Group
+    from cluster.models.paged_cache import PagedKVCache
+
+    cache = PagedKVCache(3, 256, bs)
+    cache.ensure_layers(1, kv, d, torch.bfloat16, "cpu")
+    slots = [cache.allocate() for _ in range(3)]
+    rows = [Row(slots[0], [1, 2, 3], [-1, 0, 0]), Row(slots[1], [4, 5, 6]), Row(slots[2], [7])]
+    starts = [37, 5, 120]
+    for length in range(bs, 129, bs):  # a block at a time, round robin: no row's blocks lie in order
+        for slot, s0, r in zip(slots, starts, rows):
+            cache.reserve(slot, min(length, s0 + len(r.tokens)))
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=gen))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=gen))
+    lengths = [len(r.tokens) for r in rows]
+    offsets = [0, 3, 6, 7]
+    trees = [_tree(r.parents) if r.parents is not None else None for r in rows]
+    groups = [_Group(cache, rows, starts, lengths, offsets, trees, [i for i in range(3) if lengths[i] == w], "cpu",
+                     heads // kv) for w in (1, 3)]
+    return cache, rows, starts, trees, groups
+
+
+def test_native_attention_is_attention_over_the_paged_pool(monkeypatch):
+    """The native kernel computes each new token's attention over its row's cached keys and its ancestors
+    among the new ones (trees, chains, GQA heads, blocks scattered in the pool, stale keys past each row's
+    end masked): within one bf16 rounding of a float64 reference, and close to torch's SDPA path."""
+    from cluster.models import native
+
+    if native.library() is None:
+        pytest.skip("no AVX512-BF16 or no C compiler here: torch's SDPA is used")
+    gen = torch.Generator().manual_seed(0)
+    heads, kv, d = 9, 3, 64
+    cache, rows, starts, trees, groups = _paged_rows(gen, heads, kv, d)
+    backend = type("B", (), {"n_kv": kv, "head_dim": d, "_attention": LeanBackend._attention})()
+    keys, values = cache.keys[0], cache.values[0]
+    for group in groups:
+        wide = torch.randn(len(group.tokens), heads + 2 * kv, d, generator=gen).bfloat16()
+        q = wide[:, :heads]  # strided as the fused q/k/v rows are
+        got = group.attend(backend, q, keys, values)
+        assert got.shape == (group.size, group.width, heads, d)
+        with monkeypatch.context() as m:
+            m.setattr(native, "attention", lambda *a: None)
+            torch_path = group.attend(backend, q, keys, values)
+        members = [i for i, r in enumerate(rows) if len(r.tokens) == group.width]
+        for gi, i in enumerate(members):
+            s0, w = starts[i], group.width
+            pos = cache.indices(rows[i].slot, 0, s0 + w)
+            ancestor = trees[i][1] if trees[i] is not None else torch.ones(w, w, dtype=torch.bool).tril()
+            for t in range(w):
+                allowed = torch.cat([torch.ones(s0, dtype=torch.bool), ancestor[t]])
+                for h in range(heads):
+                    k = keys[pos, h // (heads // kv)].double()[allowed]
+                    v = values[pos, h // (heads // kv)].double()[allowed]
+                    qh = q[gi * w + t, h].double()
+                    want = torch.softmax(k @ qh / d ** 0.5, 0) @ v
+                    out = got[gi, t, h].double()
+                    assert ((out - want).abs() <= want.abs() * 2 ** -8 + 1e-3).all(), (i, t, h)
+                    assert (torch_path[gi, t, h].double() - want).abs().max() < 0.03
+    assert native.attention(q.float(), keys.float(), values.float(), group.tables, group.mask, 1, 1, 0.125) is None
+
+
+def test_native_rope_and_cache_write_are_torchs():
+    """One native call rotates q and k as HF's rotary embedding does in bf16 (each op rounded) and writes
+    k and v into the pool: bit for bit what the torch path computes and writes."""
+    from cluster.models import native
+    from cluster.models.lean import _rope
+
+    if native.library() is None:
+        pytest.skip("no AVX512-BF16 or no C compiler here: torch's ops are used")
+    gen = torch.Generator().manual_seed(0)
+    heads, kv, d, n = 9, 3, 64, 5
+    qkv = torch.randn(n, (heads + 2 * kv) * d, generator=gen).bfloat16()
+    angle = torch.rand(n, d // 2, generator=gen) * 100
+    cos, sin = torch.cat([angle.cos()] * 2, 1).bfloat16(), torch.cat([angle.sin()] * 2, 1).bfloat16()
+    write = torch.tensor([3, 9, 4, 30, 31])
+    pools = [torch.zeros(32, kv, d, dtype=torch.bfloat16) for _ in range(4)]
+    q = native.rope_write(qkv, cos, sin, write, pools[0], pools[1], heads)
+    qk = _rope(qkv[:, :(heads + kv) * d].view(n, heads + kv, d), cos.unsqueeze(1), sin.unsqueeze(1))
+    pools[2][write], pools[3][write] = qk[:, heads:], qkv[:, (heads + kv) * d:].view(n, kv, d)
+    assert torch.equal(q, qk[:, :heads])
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    assert native.rope_write(qkv.float(), cos, sin, write, pools[0], pools[1], heads) is None
+
+
+def test_native_swiglu_is_torchs():
+    """silu(gate) * up in one native call: torch's two bf16 ops' result at all but rare elements whose fp32
+    exp differs in its last bit (then by one bf16 step)."""
+    from cluster.models import native
+    from cluster.models.lean import swiglu
+
+    if native.library() is None:
+        pytest.skip("no AVX512-BF16 or no C compiler here: torch's ops are used")
+    gu = (torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    got, want = swiglu(gu, 1536), F.silu(gu[:, :1536]) * gu[:, 1536:]
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert (got != want).float().mean() < 0.001 and torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    assert native.silu_mul(gu.float()) is None and torch.equal(swiglu(gu.float(), 1536), F.silu(gu.float()[:, :1536]) * gu.float()[:, 1536:])

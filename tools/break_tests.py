@@ -112,9 +112,9 @@ BREAKAGES = [
              ("tests/api/test_hardening.py::test_tiny_temperature_is_greedy",)),
     Breakage("bias-rounded-twice", "small-batch products add the bias after rounding (Qwen2's large k biases)",
              "cluster/models/lean.py",
-             "    if b is not None or n > SMALL_BATCH:\n        return F.linear(x, w, b)\n",
+             "    if b is not None or n > MANY_BATCH:\n        return F.linear(x, w, b)\n",
              "    if b is not None and n <= SMALL_BATCH:\n        return (torch.mm(w, x.t().contiguous()) + b.unsqueeze(1)).t()\n"
-             "    if b is not None or n > SMALL_BATCH:\n        return F.linear(x, w, b)\n",
+             "    if b is not None or n > MANY_BATCH:\n        return F.linear(x, w, b)\n",
              ("tests/engine/test_backends.py::test_small_batch_products_round_a_large_bias_once",)),
     Breakage("native-truncates", "the native bf16 products truncate their fp32 sums instead of rounding to nearest",
              "cluster/models/bf16_kernels.c",

@@ -250,8 +250,11 @@ class _Group:
 
 
 SMALL_BATCH = 12  # "few" tokens: up to this many, a weight-major product may beat F.linear
+# "many": 13 to this many (16 streams' decode step). The native products still beat F.linear there on the
+# AVX-512 machine (all of SmolLM2's products at 16 tokens 25.9 vs 31.0 ms; even at 24, behind from 32).
+MANY_BATCH = 24
 
-# How x [N, in] @ w[out, in]^T is computed, per dtype, for one token and for a few: the fastest kernel
+# How x [N, in] @ w[out, in]^T is computed, per dtype, for one token, a few and many: the fastest kernel
 # differs by machine. On an AMX CPU (torch 2.13, 2 threads, bf16) weight-major products streamed the
 # weights faster: SmolLM2's layers took 12 ms with mv at N = 1 and 13-15 ms with mm(w, x^T) at N = 2..12,
 # against 18 ms with F.linear. On an AVX-512 CPU without AMX the same choice was 1.34x slower than
@@ -265,12 +268,14 @@ PRODUCTS = {
     "mm_wxT": lambda x, w: torch.mm(w, x.t().contiguous()).t().contiguous(),
     "native": native.product,
 }
-CANDIDATES = {"one": ("linear", "mv", "mm_wxT", "native"), "few": ("linear", "mm_wxT", "native")}
-_PLAN: dict[tuple[torch.dtype, str], dict[str, str]] = {}  # (dtype, device type) -> {"one": name, "few": name}
+CANDIDATES = {"one": ("linear", "mv", "mm_wxT", "native"), "few": ("linear", "mm_wxT", "native"),
+              "many": ("linear", "native")}
+SIZES = (("one", 1), ("few", 4), ("many", 16))  # each size's kernel is timed at this many tokens
+_PLAN: dict[tuple[torch.dtype, str], dict[str, str]] = {}  # (dtype, device type) -> {size: kernel name}
 
 
 def tune_products(weights: list[torch.Tensor], rounds: int = 5) -> dict[str, str]:
-    """The fastest product for one token and for a few (4), timed on `weights` (one layer's matrices and
+    """The fastest product for one token, a few (4) and many (16), timed on `weights` (one layer's matrices and
     the LM head: what a pass multiplies), best of `rounds`, candidates interleaved. Once per dtype and
     device type in a process; on a GPU F.linear everywhere (one cuBLAS call; graphs capture it)."""
     import logging
@@ -281,11 +286,11 @@ def tune_products(weights: list[torch.Tensor], rounds: int = 5) -> dict[str, str
     if key in _PLAN:
         return _PLAN[key]
     if w0.device.type != "cpu":
-        _PLAN[key] = {"one": "linear", "few": "linear"}
+        _PLAN[key] = {size: "linear" for size, _ in SIZES}
         return _PLAN[key]
     plan = {}
     with torch.inference_mode():
-        for size, n in (("one", 1), ("few", 4)):
+        for size, n in SIZES:
             xs = [torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
             candidates = [name for name in CANDIDATES[size]
                           if name != "native" or (native.products() is not None and native.covers(xs[0], w0))]
@@ -313,12 +318,12 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     # (benchmarks/offload.py, measured). F.linear fuses it and, at Qwen2's shapes (1536 in, 256-1536
     # out, 2 threads), beats addmv / addmm (98 vs 132 us at 1 token, 94 vs 155 at 4; the bf16 addmv and
     # addmm kernels are the slow ones), so biased products take it at every size.
-    if b is not None or n > SMALL_BATCH:
+    if b is not None or n > MANY_BATCH:
         return F.linear(x, w, b)
     plan = _PLAN.get((x.dtype, x.device.type))
     if plan is None:
         return F.linear(x, w)
-    return PRODUCTS[plan["one" if n == 1 else "few"]](x, w)
+    return PRODUCTS[plan["one" if n == 1 else "few" if n <= SMALL_BATCH else "many"]](x, w)
 
 
 def swiglu(gate_up: torch.Tensor, g: int) -> torch.Tensor:

@@ -101,20 +101,21 @@ def test_bf16_speculative_greedy_is_the_targets_argmax_outside_near_ties(make_en
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_tuned_product_equals_linear(dtype, monkeypatch):
-    """Whichever kernel tune_products keeps (mv for one token, mm(w, x^T) for a few, or F.linear), the
-    lean backend's products compute F.linear: equal within the dtype's rounding, on every side of the
-    size thresholds, under every plan."""
+    """Whichever kernel tune_products keeps (mv for one token, mm(w, x^T) or native for a few or many, or
+    F.linear), the lean backend's products compute F.linear: equal within the dtype's rounding, on every
+    side of the size thresholds, under every plan."""
     from cluster.models import lean
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g).to(dtype)
     bias = torch.randn(96, generator=g).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 0.06
-    plans = [None] + [{"one": one, "few": few} for one in lean.CANDIDATES["one"] for few in lean.CANDIDATES["few"]]
+    plans = [None] + [{"one": one, "few": few, "many": many} for one in lean.CANDIDATES["one"]
+                      for few in lean.CANDIDATES["few"] for many in lean.CANDIDATES["many"]]
     for plan in plans:
         monkeypatch.setitem(lean._PLAN, (dtype, "cpu"), plan) if plan else monkeypatch.delitem(
             lean._PLAN, (dtype, "cpu"), raising=False)
-        for n in (1, 2, lean.SMALL_BATCH, lean.SMALL_BATCH + 1):
+        for n in (1, 2, lean.SMALL_BATCH, lean.SMALL_BATCH + 1, lean.MANY_BATCH, lean.MANY_BATCH + 1):
             x = torch.randn(n, 64, generator=g).to(dtype)
             for b in (None, bias):
                 got, want = lean._linear(x, w, b), torch.nn.functional.linear(x, w, b)
@@ -130,10 +131,10 @@ def test_products_are_tuned_once_per_dtype_on_the_models_weights(monkeypatch):
     monkeypatch.setattr(lean, "_PLAN", {})
     weights = [torch.randn(192, 64).bfloat16(), torch.randn(64, 192).bfloat16()]
     plan = lean.tune_products(weights, rounds=2)
-    assert plan["one"] in lean.CANDIDATES["one"] and plan["few"] in lean.CANDIDATES["few"]
+    assert all(plan[size] in lean.CANDIDATES[size] for size, _ in lean.SIZES)
     timed = {name for name in lean.CANDIDATES["one"] if name != "native" or native.products() is not None}
     assert set(plan["one_us"]) == timed and all(t > 0 for t in plan["one_us"].values())
-    for size in ("one", "few"):
+    for size, _ in lean.SIZES:
         times = plan[f"{size}_us"]
         assert plan[size] == "linear" or times[plan[size]] < 0.95 * times["linear"]
     assert lean.tune_products([torch.randn(8, 8).bfloat16()]) is plan  # cached per (dtype, device type)

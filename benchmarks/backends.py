@@ -3,7 +3,8 @@
 Per (backend, dtype): ms per pass for new tokens in {1, 4, 16, 64} and rows in {1, 8} over a 256-token
 context, interleaved round by round (this machine's speed drifts, so no backend gets only slow minutes),
 median of the rounds. The roofline is the weights' bytes over the read bandwidth measured in the same
-run. Then target-only single-stream decoding through the engine (fast backend) against Hugging Face
+run: probed at the start, between the parts and at the end, the median kept (this machine's bandwidth
+probe ranged 31-55 GB/s across minutes; one probe made the roofline a coin toss). Then target-only single-stream decoding through the engine (fast backend) against Hugging Face
 `generate` in the same dtype.
 
     python -m benchmarks.backends [--config configs/default.yaml] [--json]
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = load_config(args.config)
-    bandwidth = read_bandwidth_gb_s()
+    probes = [read_bandwidth_gb_s()]
     rows, weights = [], {}
     for dtype in ("float32", "bfloat16"):
         cfg = copy.deepcopy(config.target)
@@ -86,9 +87,7 @@ def main(argv=None) -> dict:
                     rows.append({"backend": name, "dtype": dtype, "device": "cpu", "new_tokens": new_tokens,
                                  "batch_rows": n_rows, "ms": round(1000 * statistics.median(samples[name][1:]), 2)})
         del backends
-    roofline = {d: 1000 * w / (bandwidth * 1e9) for d, w in weights.items()}
-    for row in rows:
-        row["x_roofline"] = round(row["ms"] / roofline[row["dtype"]], 2)
+        probes.append(read_bandwidth_gb_s())
 
     # Target-only decoding, single stream: the engine (fast backend, bf16) and HF generate (bf16, fp32).
     decode = {}
@@ -111,6 +110,7 @@ def main(argv=None) -> dict:
             tokens += len(delta.token_ids)
         decode_s += now - first
     decode["engine_bf16"] = tokens / (time.perf_counter() - start)
+    probes.append(read_bandwidth_gb_s())
     for dtype in ("bfloat16", "float32"):
         cfg = copy.deepcopy(config.target)
         cfg.dtype = dtype
@@ -123,9 +123,15 @@ def main(argv=None) -> dict:
                 out = model.generate(ids, max_new_tokens=args.decode_tokens, do_sample=False, min_new_tokens=0)
             tokens += out.shape[1] - ids.shape[1]
         decode[f"hf_{dtype}"] = tokens / (time.perf_counter() - start)
+    probes.append(read_bandwidth_gb_s())
+    bandwidth = statistics.median(probes)
+    roofline = {d: 1000 * w / (bandwidth * 1e9) for d, w in weights.items()}
+    for row in rows:
+        row["x_roofline"] = round(row["ms"] / roofline[row["dtype"]], 2)
     result = {
         "target": config.target.path.rsplit("/", 1)[-1],
         "read_bandwidth_gb_s": round(bandwidth, 2),
+        "read_bandwidth_probes_gb_s": [round(b, 2) for b in probes],
         "weight_bytes": weights,
         "roofline_ms_per_token": round(roofline["bfloat16"], 2),
         "roofline_ms_per_token_fp32": round(roofline["float32"], 2),

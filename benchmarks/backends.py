@@ -4,8 +4,8 @@ Per (backend, dtype): ms per pass for new tokens in {1, 4, 16, 64} and rows in {
 context, interleaved round by round (this machine's speed drifts, so no backend gets only slow minutes),
 median of the rounds. The roofline is the weights' bytes over the read bandwidth measured in the same
 run: probed at the start, between the parts and at the end, the median kept (this machine's bandwidth
-probe ranged 31-55 GB/s across minutes; one probe made the roofline a coin toss). Then target-only single-stream decoding through the engine (fast backend) against Hugging Face
-`generate` in the same dtype.
+probe ranged 31-55 GB/s across minutes; one probe made the roofline a coin toss). Then target-only
+single-stream decoding through the engine (fast backend) against Hugging Face `generate` in the same dtype.
 
     python -m benchmarks.backends [--config configs/default.yaml] [--json]
 """

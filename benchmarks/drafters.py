@@ -4,8 +4,10 @@ prompt lookup and assisted generation, in one run; single stream, greedy, this e
     python -m benchmarks.drafters [--config configs/default.yaml] [--prompts 8] [--max-tokens 64] [--json]
 
 Per drafter x workload: tokens per target pass, per-position acceptance, drafter microseconds per step,
-tokens/s, speed-up over K = 0, exact (greedy output equal to target-only). HF assisted generation uses
-the same compressed copy the layerskip drafter runs (the target's first layers and head, as an HF model).
+tokens/s, speed-up over K = 0, exact (greedy output equal to target-only). The drafters (K = 0 among them)
+take the prompts in turn, prompt by prompt, so none of them gets only this machine's slow minutes. HF
+assisted generation uses the same compressed copy the layerskip drafter runs (the target's first layers
+and head, as an HF model).
 """
 
 from __future__ import annotations
@@ -73,22 +75,41 @@ def prompts_of(workload: str, tokenizer, count: int) -> list[str]:
 
 
 def run(engine: SpecEngine, prompts: list[str], max_tokens: int) -> dict:
-    record = []
-    apply = engine._apply
+    return run_interleaved({"one": engine}, prompts, max_tokens)["one"]
 
-    def recording(seq, drafted, verdict, tokens):
-        record.append((drafted, verdict.accepted))
-        return apply(seq, drafted, verdict, tokens)
 
-    engine._apply = recording
-    draft_s = engine.timings.draft_s
-    start, outputs = time.perf_counter(), []
+def run_interleaved(engines: dict[str, SpecEngine], prompts: list[str], max_tokens: int) -> dict[str, dict]:
+    """Every engine over the prompts, prompt by prompt in turn (the order rotated each prompt), each timed
+    alone: this machine's speed drifts by tens of percent over minutes, and engines run one after another
+    compared the minutes they ran in as much as themselves."""
+    records = {name: [] for name in engines}
+    outputs = {name: [] for name in engines}
+    seconds = dict.fromkeys(engines, 0.0)
+    draft_s = {name: e.timings.draft_s for name, e in engines.items()}
+    for name, engine in engines.items():
+        apply = engine._apply
+
+        def recording(seq, drafted, verdict, tokens, apply=apply, record=records[name]):
+            record.append((drafted, verdict.accepted))
+            return apply(seq, drafted, verdict, tokens)
+
+        engine._apply = recording
+    names = list(engines)
     try:
-        for p in prompts:
-            outputs.append(engine.generate([p], SamplingParams(max_tokens=max_tokens))[0].token_ids)
+        for i, p in enumerate(prompts):
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                start = time.perf_counter()
+                outputs[name].append(engines[name].generate([p], SamplingParams(max_tokens=max_tokens))[0].token_ids)
+                seconds[name] += time.perf_counter() - start
     finally:
-        del engine._apply
-    seconds = time.perf_counter() - start
+        for engine in engines.values():
+            del engine._apply
+    return {name: _summary(records[name], outputs[name], seconds[name], engines[name].timings.draft_s - draft_s[name],
+                           len(prompts)) for name in engines}
+
+
+def _summary(record: list[tuple[int, int]], outputs: list[list[int]], seconds: float, draft_s: float,
+             prompts: int) -> dict:
     tokens = sum(len(o) for o in outputs)
     passes = len(record)
     per_position = []
@@ -99,9 +120,9 @@ def run(engine: SpecEngine, prompts: list[str], max_tokens: int) -> dict:
     # Per-token acceptance a (the i.i.d. model's maximum likelihood): accepted / (accepted + rejections).
     trials = sum(a + (1 if a < d else 0) for d, a in record if d)
     per_token = sum(a for d, a in record if d) / trials if trials else None
-    return {"outputs": outputs, "per_token_acceptance": per_token, "tokens_per_s": tokens / seconds, "tokens_per_pass": (tokens - len(prompts)) / max(passes, 1),
-            "per_position_acceptance": per_position,
-            "drafter_us_per_step": 1e6 * (engine.timings.draft_s - draft_s) / max(drafting_steps, 1)}
+    return {"outputs": outputs, "per_token_acceptance": per_token, "tokens_per_s": tokens / seconds,
+            "tokens_per_pass": (tokens - prompts) / max(passes, 1), "per_position_acceptance": per_position,
+            "drafter_us_per_step": 1e6 * draft_s / max(drafting_steps, 1)}
 
 
 def truncated_copy(model, layers: int):
@@ -146,24 +167,27 @@ def main(argv=None) -> dict:
     for workload in args.workloads:
         prompts = prompts_of(workload, base.tokenizer, args.prompts)
         base.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm
-        reference = run(base, prompts, args.max_tokens)
         prompt_ids = [base.build(p).tokens for p in prompts]
+        engines, configs = {}, {}
         for name, drafter in drafters(args.layers, heads, multi_heads, args.heads_vocab).items():
             if args.drafters and name != "k0" and name not in args.drafters:
                 continue
-            fixed = None
             if drafter is None:
-                result = reference
-            else:
-                cfg = copy.deepcopy(config)
-                cfg.drafter = drafter
-                cfg.validate(check_paths=False)
+                engines[name] = base
+                continue
+            cfg = copy.deepcopy(config)
+            cfg.drafter = drafter
+            cfg.validate(check_paths=False)
+            engines[name], configs[name] = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target), cfg
+        results = run_interleaved(engines, prompts, args.max_tokens)
+        reference = results["k0"]
+        for name, result in results.items():
+            fixed = None
+            if name in ("layerskip", "quantized", "heads"):  # the drafter's own acceptance, drafting every step
+                cfg = configs[name]
+                cfg.speculation.k, cfg.speculation.adaptive = args.fixed_k, False
                 engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
-                result = run(engine, prompts, args.max_tokens)
-                if name in ("layerskip", "quantized", "heads"):  # the drafter's own acceptance, drafting every step
-                    cfg.speculation.k, cfg.speculation.adaptive = args.fixed_k, False
-                    engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)
-                    fixed = run(engine, prompts[: max(2, len(prompts) // 2)], args.max_tokens)
+                fixed = run(engine, prompts[: max(2, len(prompts) // 2)], args.max_tokens)
             check = check_outputs(base.target.backend.model, prompt_ids, result["outputs"])
             rows.append({"drafter": name, "workload": workload, "tokens_per_pass": round(result["tokens_per_pass"], 3),
                          "per_position_acceptance": result["per_position_acceptance"],

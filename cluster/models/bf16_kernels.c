@@ -152,7 +152,8 @@ void bf16_attention(const uint16_t *q, int q_stride, const uint16_t *keys, const
                 float p = expf(sc[i] - best);
                 total += p;
                 const uint16_t *v = values + ((base + i) * kv + kh) * dim;
-                for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(p), load16(v + 16 * c), acc[c]);
+                __m512 pv = _mm512_set1_ps(p);
+                for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(pv, load16(v + 16 * c), acc[c]);
             }
         }
         uint16_t *o = out + ((size_t)(r * w + t) * heads + h) * dim;

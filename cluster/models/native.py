@@ -1,10 +1,12 @@
-"""The native bf16 kernels (bf16_kernels.c): products for one token or a few, HF's RMSNorm, and attention
-over a paged KV cache; built with the machine's C compiler on first use and called through ctypes.
+"""The native bf16 kernels (bf16_kernels.c): products for one token or a few, HF's RMSNorm, RoPE with the
+KV-pool write, SwiGLU's silu * up, and attention over a paged KV cache; built with the machine's C
+compiler on first use and called through ctypes.
 
 They are an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
 fails, or a shape or layout is outside what a kernel takes, `library()` is None, `product()` falls back to
-F.linear, `rms_norm()` and `attention()` return None (torch's ops run), and the lean backend's tuner
-(lean.tune_products) keeps the products only where they measured faster on the model's own weights. `python -m cluster.models.native` builds it ahead (tools/setup.sh).
+F.linear, the others return None (torch's ops run), and the lean backend's tuner (lean.tune_products)
+keeps the products only where they measured faster on the model's own weights.
+`python -m cluster.models.native` builds it ahead (tools/setup.sh).
 """
 
 from __future__ import annotations

@@ -202,10 +202,10 @@ def _fuse(inner) -> list[tuple]:
     return layers
 
 
-# The native attention kernel (one online softmax per query, a scalar exp per key) beats torch's SDPA for
-# decode steps and short verifies and loses on wide ones. SmolLM2 bf16 passes over 256 cached tokens here,
-# SDPA vs native, ms: 1 row x 1 token 25.4 vs 20.5; 1 x 4 31.8 vs 28.3; 8 x 1 47.9 vs 37.1; 8 x 4 83.3 vs
-# 82.9; 16 x 3 111.2 vs 108.8; 1 x 16 53.9 vs 58.8.
+# The native attention kernel (one online softmax per query, its own K and V reads) beats torch's SDPA
+# for decode steps and short verifies and loses on wide ones. SmolLM2 bf16 passes over 256 cached tokens
+# here, SDPA vs native (before its vectorised exp), ms: 1 row x 1 token 25.4 vs 20.5; 1 x 4 31.8 vs 28.3;
+# 8 x 1 47.9 vs 37.1; 8 x 4 83.3 vs 82.9; 16 x 3 111.2 vs 108.8; 1 x 16 53.9 vs 58.8.
 NATIVE_ATTENTION_WIDTH = 4
 
 
@@ -283,8 +283,8 @@ _PLAN: dict[tuple[torch.dtype, str], dict[str, str]] = {}  # (dtype, device type
 
 
 def tune_products(weights: list[torch.Tensor], rounds: int = 5) -> dict[str, str]:
-    """The fastest product for one token, a few (4) and many (16), timed on `weights` (one layer's matrices and
-    the LM head: what a pass multiplies), best of `rounds`, candidates interleaved. Once per dtype and
+    """The fastest product for one token, a few (4) and many (16), timed on `weights` (one layer's matrices
+    and the LM head: what a pass multiplies), best of `rounds`, candidates interleaved. Once per dtype and
     device type in a process; on a GPU F.linear everywhere (one cuBLAS call; graphs capture it)."""
     import logging
     import time

@@ -178,7 +178,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables:
     if (lib is None or not q.dtype == keys.dtype == values.dtype == torch.bfloat16 or q.device.type != "cpu"
             or dim % 16 or dim > 256 or bs > 256 or q.stride(2) != 1 or q.stride(1) != dim
             or not (keys.is_contiguous() and values.is_contiguous() and mask.is_contiguous())
-            or tables.dtype != torch.int64 or mask.dtype != torch.bool or mask.shape[-2] != heads // kv * width):
+            or tables.dtype != torch.int64 or mask.dtype != torch.bool or mask.shape[-2] != heads // kv * width
+            or n != rows * width or mask.shape[0] != rows or tables.numel() != rows * nb):
         return None
     tables = tables.contiguous()
     out = torch.empty(n, heads, dim, dtype=torch.bfloat16)

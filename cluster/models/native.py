@@ -1,4 +1,4 @@
-"""The native bf16 kernels (bf16_kernels.c): products for one token or a few, HF's RMSNorm, RoPE with the
+"""The native bf16 kernels (bf16_kernels.c): products for one token to a few dozen, HF's RMSNorm, RoPE with the
 KV-pool write, SwiGLU's silu * up, and attention over a paged KV cache; built with the machine's C
 compiler on first use and called through ctypes.
 

@@ -7,7 +7,9 @@ speculation, in one run; single stream, greedy, code completions (benchmarks/wor
 Modes, each in its own process (so each one's peak RSS is its own):
   naive         every layer's FFN read from storage for every pass, then computed (no cache, no prefetch)
   offload       the offloaded backend without speculation: hot neurons cached, the rest read one layer ahead
-  offload_spec  the same with its sparse hot-neuron draft (the FFN over cached neurons only), K tokens a pass
+  offload_spec  the same with its own int4 self-draft (resident attention and head, the FFN an int4 copy cast
+                at load time; its bytes come out of the same budget, so the cache shrinks), K tokens a pass
+  offload_spec_hot  the same with the sparse hot-neuron draft (the FFN over the cached neurons only, bf16)
   offload_small_draft  the same target with Qwen2.5-Coder-0.5B as the draft, inside the same budget
   dense         the in-memory model (no budget): the reference every mode's output is checked against
 The two modes without speculation take seconds per token, so they time the first --slow-prompts prompts;
@@ -30,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Path(__file__).with_name("workloads") / "code.jsonl"
-MODES = ("naive", "offload", "offload_spec", "offload_small_draft")
+MODES = ("naive", "offload", "offload_spec", "offload_spec_hot", "offload_small_draft")
 
 
 def log(message: str) -> None:
@@ -82,8 +84,10 @@ def run_mode(args) -> dict:
     draft_gb = 0.0
     k = 0
     drafter = DrafterConfig("ngram")
-    if mode == "offload_spec":
-        k, drafter = args.k, DrafterConfig("sparse", {"sparse": SparseConfig(confidence_threshold=args.confidence)})
+    if mode in ("offload_spec", "offload_spec_hot"):
+        sparse = SparseConfig(confidence_threshold=args.confidence, ffn="hot" if mode == "offload_spec_hot" else "int4",
+                              group=args.group)
+        k, drafter = args.k, DrafterConfig("sparse", {"sparse": sparse})
     elif mode == "offload_small_draft":
         small = bf16_copy(Path(args.small_draft))
         draft_gb = sum(f.stat().st_size for f in small.glob("*.safetensors")) / 1e9
@@ -199,7 +203,7 @@ def spawn(args, mode: str) -> dict:
         "--run-mode", mode, "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
         "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
         "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
-        "--confidence", str(args.confidence), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else [])])
+        "--confidence", str(args.confidence), "--group", str(args.group), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else [])])
 
 
 def main(argv=None) -> dict:
@@ -216,6 +220,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--k-max", type=int, default=16)
     parser.add_argument("--confidence", type=float, default=0.0,
                         help="a draft stops after a token it gives less than this (exact either way)")
+    parser.add_argument("--group", type=int, default=32, help="the int4 self-draft's quantization group")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save-outputs", help="write every mode's token ids here (JSON)")
@@ -258,11 +263,13 @@ def main(argv=None) -> dict:
         "tokens_per_s_naive": naive, "tokens_per_s_offload": by.get("offload", {}).get("tokens_per_s"),
         "tokens_per_s_offload_spec": spec.get("tokens_per_s"),
         "tokens_per_s_offload_small_draft": by.get("offload_small_draft", {}).get("tokens_per_s"),
+        "tokens_per_s_offload_spec_hot": by.get("offload_spec_hot", {}).get("tokens_per_s"),
+        "accepted_per_pass_hot": by.get("offload_spec_hot", {}).get("accepted_per_pass"),
         "exact": all(checks[m]["mismatches"] == 0 for m in checks),
         "k": args.k, "adaptive": args.adaptive, "confidence_threshold": args.confidence,
         "rows": rows,
     }
-    for key in ("offload", "offload_spec", "offload_small_draft"):
+    for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft"):
         if naive and result[f"tokens_per_s_{key}"]:
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
     from benchmarks.cluster_load import emit

@@ -128,10 +128,18 @@ class SparseConfig:
 
     vocab: int = 32768  # draft over this many most frequent tokens (a frequency-ordered head, FR-Spec); 0: all
     confidence_threshold: float = 0.0  # stop a draft after a token the draft gives less than this
+    # The draft's FFN: "hot" (the cached neurons, bf16) or "int4" (every neuron, an int4 copy cast from the
+    # bundle at load time, its bytes taken from the target's budget: the cache shrinks to make room).
+    ffn: str = "hot"
+    group: int = 32  # int4: input features sharing one scale and zero point (32, 64, 128 or 256)
 
     def validate(self, key: str, check_paths: bool = True) -> None:
         if self.vocab < 0:
             raise ConfigError(f"{key}.vocab: must be >= 0")
+        if self.ffn not in ("hot", "int4"):
+            raise ConfigError(f"{key}.ffn: {self.ffn!r} is not one of 'hot', 'int4'")
+        if self.group not in (32, 64, 128, 256):
+            raise ConfigError(f"{key}.group: {self.group} is not one of 32, 64, 128, 256")
         if not 0.0 <= self.confidence_threshold < 1.0:
             raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
 

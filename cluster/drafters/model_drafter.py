@@ -112,12 +112,14 @@ def build_quantized(section, context) -> ModelDrafter:
 
 
 def build_sparse(section, context) -> ModelDrafter:
-    """The offloaded target in this process, its FFN cut to the neurons its DRAM cache holds."""
+    """The offloaded target in this process, its FFN cut to the neurons its DRAM cache holds (or cast to
+    int4 within the same budget)."""
     from cluster.models.offload import SparseDraftBackend
 
     target = getattr(context.target_model, "_offload", None)
     if target is None:
         raise ValueError("drafter.sparse: needs the target in the same process with `backend: offload` "
                          "(it drafts from that backend's hot-neuron cache)")
-    return ModelDrafter(SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab),
-                        section.confidence_threshold, context.eos_ids, context.rule)
+    backend = SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab, section.ffn,
+                                 section.group)
+    return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)

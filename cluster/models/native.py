@@ -1,5 +1,5 @@
 """The native bf16 kernels (bf16_kernels.c): products for one token to a few dozen, HF's RMSNorm, RoPE with the
-KV-pool write, SwiGLU's silu * up, and attention over a paged KV cache; built with the machine's C
+KV-pool write, SwiGLU's silu * up, attention over a paged KV cache, and int4 weight-only products; built with the machine's C
 compiler on first use and called through ctypes.
 
 They are an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
@@ -81,8 +81,9 @@ def library():
                                                + [ctypes.c_float, ctypes.c_int])
                 lib.bf16_rope_write.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
                 lib.bf16_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+                lib.int4_products.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
                 for fn in (lib.bf16_products, lib.bf16_rms_norm, lib.bf16_attention, lib.bf16_rope_write,
-                           lib.bf16_silu_mul):
+                           lib.bf16_silu_mul, lib.int4_products):
                     fn.restype = None
             except (OSError, AttributeError) as e:
                 log.warning("native bf16 kernels: load failed (%s); torch's are used", e)
@@ -115,6 +116,27 @@ def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, out = x.shape[0], w.shape[0]
     y = torch.empty(n, out, dtype=torch.bfloat16)
     fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), n, x.shape[1], out, torch.get_num_threads())
+    return y
+
+
+def int4_products():
+    """The int4 products kernel, or None where the library is unavailable."""
+    lib = library()
+    return None if lib is None else lib.int4_products
+
+
+def int4_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group: int) -> torch.Tensor:
+    """x [N, in] (bf16, contiguous, N <= 64) @ W^T for an int4 weight in the native layout (int4.py packs it
+    and checks the shapes): [N, out] bf16."""
+    n, inp = x.shape
+    out = packed.shape[0]
+    if inp // group > 512 or n > 64 or out % 4:
+        raise ValueError(f"int4_product: {n} tokens x {inp // group} groups x {out} outputs is outside the "
+                         "kernel's <= 64 x <= 512 x a multiple of 4")
+    y = torch.empty(n, out, dtype=torch.bfloat16)
+    int4_products()(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), n, inp, out,
+                    group, torch.get_num_threads())
     return y
 
 

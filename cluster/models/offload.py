@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.core.cost_model import CostCurve
+from cluster.models import int4
 from cluster.models.backend import Row
 from cluster.models.flash_store import BundleLayout, EmbeddingRows, FlashReader, aligned_buffer, runs
 from cluster.models.lean import LeanBackend
@@ -55,6 +56,17 @@ class NeuronCache:
     @property
     def nbytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.rows)
+
+    def shrink(self, capacity: int) -> None:
+        """Keep the first `capacity` slots (the hottest, for a cache that has not swapped yet) and free the rest."""
+        if capacity >= self.capacity:
+            return
+        self.capacity = capacity
+        self.rows = [r[:capacity].clone() for r in self.rows]
+        self.ids = [i[:capacity].clone() for i in self.ids]
+        for cached, ids in zip(self.cached, self.ids):
+            cached.zero_()
+            cached[ids] = True
 
     def missing(self, layer: int) -> torch.Tensor:
         """Sorted ids a dense pass must read for this layer (everything before its first pass)."""
@@ -129,6 +141,7 @@ class OffloadedBackend(LeanBackend):
                     f"{(self.resident_bytes + self.buffer_bytes) / 1e9:.2f} GB")
             cache_neurons = min(layout.intermediate, room // (layout.layers * layout.row_bytes))
         self.budget_bytes = budget
+        self.reserved_bytes = 0  # budget given to others in this process (see reserve)
         self.neurons = NeuronCache(layout, cache_neurons, hotness, window_decay)
         self._buffers = [aligned_buffer(layout.layer_bytes) for _ in range(2)]
         self._turn = 0  # which buffer the next read fills: consecutive reads alternate
@@ -144,8 +157,31 @@ class OffloadedBackend(LeanBackend):
 
     @property
     def held_bytes(self) -> int:
-        """Weight bytes this backend holds in DRAM: what the budget bounds."""
-        return self.resident_bytes + self.buffer_bytes + self.neurons.nbytes
+        """Weight bytes held in DRAM for this target and what shares its budget: what the budget bounds."""
+        return self.resident_bytes + self.buffer_bytes + self.neurons.nbytes + self.reserved_bytes
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Give `nbytes` of the budget to something else in this process (a quantized draft's weights): the
+        neuron cache shrinks to what is left, and a budget that cannot hold it is a clear error."""
+        lay = self.layout
+        room = self.budget_bytes - self.resident_bytes - self.buffer_bytes - self.reserved_bytes - nbytes
+        if room < 0:
+            raise ValueError(f"memory_budget_gb {self.budget_bytes / 1e9:.2f}: {what} ({nbytes / 1e9:.2f} GB) does not "
+                             f"fit beside the resident weights and buffers "
+                             f"({(self.resident_bytes + self.buffer_bytes) / 1e9:.2f} GB)")
+        self.reserved_bytes += nbytes
+        self.neurons.shrink(min(self.neurons.capacity, room // (lay.layers * lay.row_bytes)))
+        log.info("offload backend: %.2f GB of the budget to %s, the cache now %d neurons per layer (%.2f GB)",
+                 nbytes / 1e9, what, self.neurons.capacity, self.neurons.nbytes / 1e9)
+
+    def read_layer(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s whole FFN block [I, 3, H], read from storage into a staging buffer now (for a
+        one-off use at load time; passes stream through `_layer`)."""
+        self.settle()
+        lay = self.layout
+        buf = self._buffers[self._turn]  # the one the next read would fill: no read ahead lands in it
+        self.reader.read_rows(layer, [(0, lay.intermediate)], buf)
+        return buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
 
     # --- streaming -----------------------------------------------------------------------------------
     def _start_read(self, layer: int) -> tuple[int, Future | None, torch.Tensor]:
@@ -219,18 +255,44 @@ class OffloadedBackend(LeanBackend):
         self.reader.close()
 
 
+class Int4FFN:
+    """Every layer's FFN as int4 copies (gate and up fused, down), cast from the bundle at load time: one
+    read of the FFN, no training. Its bytes come out of the target's budget (the neuron cache shrinks)."""
+
+    def __init__(self, target: OffloadedBackend, group: int = 128):
+        lay = target.layout
+        self.gate_up, self.down = [], []
+        for li in range(lay.layers):
+            full = target.read_layer(li)  # [I, 3, H]: gate row, up row, down column per neuron
+            self.gate_up.append(int4.quantize(full[:, :2].transpose(0, 1).reshape(2 * lay.intermediate, lay.hidden),
+                                              group))
+            self.down.append(int4.quantize(full[:, 2].t(), group))
+        self.nbytes = sum(q.nbytes for q in self.gate_up + self.down)
+        target.reserve(self.nbytes, f"the int4 draft FFN (group {group})")
+
+    def __call__(self, li: int, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[li](h).chunk(2, dim=-1)
+        return self.down[li](F.silu(gate) * up)
+
+
 class SparseDraftBackend(LeanBackend):
-    """The offloaded target's resident weights with its FFN over the cached (hot) neurons only."""
+    """The offloaded target's resident weights with its FFN over the cached (hot) neurons only, or over an
+    int4 copy of every neuron (`ffn="int4"`)."""
 
     name = "sparse-draft"
 
-    def __init__(self, target: OffloadedBackend, num_slots: int, capacity: int, vocab: int = 0):
+    def __init__(self, target: OffloadedBackend, num_slots: int, capacity: int, vocab: int = 0,
+                 ffn: str = "hot", group: int = 128):
         """vocab: draft over the `vocab` most frequent tokens only (the first rows of a frequency-ordered
-        head, no copy; 0 or a head in token order: all of them). Other tokens get -inf: never drafted."""
+        head, no copy; 0 or a head in token order: all of them). Other tokens get -inf: never drafted.
+        ffn: "hot" (the cached neurons in bf16; the cache becomes a sliding window over recent activations)
+        or "int4" (every neuron, int4 with `group` inputs a scale; the cache stays a fixed hot set, which
+        only saves the target's reads)."""
         super().__init__(target.model, num_slots, capacity)
         self.device = target.device
         self.neurons = target.neurons
-        if self.neurons.decay == 1.0:
+        self.int4 = Int4FFN(target, group) if ffn == "int4" else None
+        if self.int4 is None and self.neurons.decay == 1.0:
             self.neurons.decay = WINDOW_DECAY
         self._embed = target._embed  # the same rows, resident or read on demand
         order = target.vocab_order
@@ -240,6 +302,8 @@ class SparseDraftBackend(LeanBackend):
             self.restrict_head(order[:n], self.head.weight[:n])
 
     def _ffn(self, li, h, gate_up, down, g):
+        if self.int4 is not None:
+            return self.int4(li, h)
         rows = self.neurons.rows[li]
         if not self.neurons.filled[li] or len(rows) == 0:
             return torch.zeros_like(h)  # nothing cached yet: the layer's FFN contributes nothing to the draft

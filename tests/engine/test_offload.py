@@ -169,20 +169,21 @@ def test_the_sparse_draft_uses_only_cached_neurons(flash):
     assert not torch.equal(first, draft.forward([Row(d, [5, 17, 40])], last_only=True).logits)
 
 
-def _offload_engine(flash, k: int, base: SpecEngine) -> SpecEngine:
+def _offload_engine(flash, k: int, base: SpecEngine, ffn: str = "hot") -> SpecEngine:
     skeleton = load_skeleton(flash, torch.float32)
     budget = _budget_gb(skeleton, BundleLayout.load(flash), 48) + 1e-9
     config = EngineConfig(
         target=ModelConfig(str(flash), dtype="float32", backend="offload", memory_budget_gb=budget),
-        drafter=DrafterConfig("sparse", {"sparse": SparseConfig()}),
+        drafter=DrafterConfig("sparse", {"sparse": SparseConfig(ffn=ffn, group=32)}),
         speculation=SpeculationConfig(k=k, k_max=8, adaptive=False),
     )
     return SpecEngine(config.validate(), tokenizer=base.tokenizer)
 
 
-def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine):
+@pytest.mark.parametrize("ffn", ["hot", "int4"])
+def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine, ffn):
     dense = make_engine("ngram", k=0)  # the in-memory target
-    spec = _offload_engine(flash, 6, dense)
+    spec = _offload_engine(flash, 6, dense, ffn)
     assert spec.target.backend.name == "offload"
     greedy = SamplingParams(max_tokens=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
@@ -276,3 +277,30 @@ def test_a_sparse_draft_turns_the_window_on_and_without_one_the_hot_set_stays(fl
     for n in range(3):
         off.forward([Row(slot, [9 + n, 2, 3])])
     assert off.neurons.swaps > 0  # recent tokens' neurons replace calibration's
+
+
+def test_an_int4_draft_takes_its_bytes_from_the_budget_and_leaves_the_target_exact(tiny_models, flash):
+    off = _offloaded(flash, 40)
+    lean = LeanBackend(AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval(), 4, 128)
+    draft = SparseDraftBackend(off, 2, 128, ffn="int4", group=32)
+    assert off.reserved_bytes == draft.int4.nbytes > 0
+    assert off.neurons.capacity < 40 and off.held_bytes <= off.budget_bytes  # the cache made room
+    row = [5, 17, 40, 3]
+    dense = lean.forward([Row(lean.cache.allocate(), row)]).logits
+    target = off.forward([Row(off.cache.allocate(), row)]).logits
+    assert (dense - target).abs().max() < 1e-4  # a smaller cache changes what is read, not the logits
+    assert off.neurons.swaps == 0 and off.neurons.decay == 1.0  # no window: the cache only saves reads
+    d = draft.cache.allocate()
+    drafted = draft.forward([Row(d, row)]).logits
+    assert (drafted - dense).abs().max() < 0.1 * dense.abs().max()  # close to the model: int4 FFN only
+    assert not torch.equal(drafted, dense)
+    off.neurons.rows[0].zero_()  # the draft computes every neuron from its own copy, not from the cache
+    draft.cache.truncate(d, 0)
+    assert torch.equal(drafted, draft.forward([Row(d, row)]).logits)
+
+
+def test_a_budget_with_no_room_for_an_int4_draft_is_refused(flash):
+    off = _offloaded(flash, 0)
+    with pytest.raises(ValueError, match="int4 draft FFN .* does not fit"):
+        SparseDraftBackend(off, 2, 128, ffn="int4", group=32)
+    assert off.reserved_bytes == 0

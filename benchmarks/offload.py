@@ -2,7 +2,7 @@
 speculation, in one run; single stream, greedy, code completions (benchmarks/workloads/code.jsonl).
 
     python -m benchmarks.offload [--bundle models/qwen2.5-coder-1.5b-flash] [--budget-fraction 0.5]
-        [--prompts 20] [--max-tokens 64] [--k 12] [--json]
+        [--prompts 20] [--max-tokens 64] [--k 20] [--confidence 0.1] [--k-others 12] [--json]
 
 Modes, each in its own process (so each one's peak RSS is its own):
   naive         every layer's FFN read from storage for every pass, then computed (no cache, no prefetch)
@@ -82,17 +82,21 @@ def run_mode(args) -> dict:
         prompts = prompts[: args.slow_prompts]
     budget = args.budget_fraction * weight_bytes(bundle) / 1e9
     draft_gb = 0.0
-    k = 0
     drafter = DrafterConfig("ngram")
+    # The int4 self-draft agrees with the target ~0.95 a token and drafts long; the other two drafts keep
+    # the settings tuned for them (--k-others, --confidence-others).
+    k, confidence = (args.k, args.confidence) if mode == "offload_spec" else (args.k_others, args.confidence_others)
     if mode in ("offload_spec", "offload_spec_hot"):
-        sparse = SparseConfig(confidence_threshold=args.confidence, ffn="hot" if mode == "offload_spec_hot" else "int4",
+        sparse = SparseConfig(confidence_threshold=confidence, ffn="hot" if mode == "offload_spec_hot" else "int4",
                               group=args.group)
-        k, drafter = args.k, DrafterConfig("sparse", {"sparse": sparse})
+        drafter = DrafterConfig("sparse", {"sparse": sparse})
     elif mode == "offload_small_draft":
         small = bf16_copy(Path(args.small_draft))
         draft_gb = sum(f.stat().st_size for f in small.glob("*.safetensors")) / 1e9
-        k, drafter = args.k, DrafterConfig("model", {"model": ModelDrafterConfig(str(small), dtype="bfloat16",
-                                                                                  confidence_threshold=args.confidence)})
+        drafter = DrafterConfig("model", {"model": ModelDrafterConfig(str(small), dtype="bfloat16",
+                                                                      confidence_threshold=confidence)})
+    else:
+        k = 0
     if mode == "dense":
         target = ModelConfig(args.source, dtype="bfloat16")
     else:
@@ -203,7 +207,8 @@ def spawn(args, mode: str) -> dict:
         "--run-mode", mode, "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
         "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
         "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
-        "--confidence", str(args.confidence), "--group", str(args.group), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else [])])
+        "--confidence", str(args.confidence), "--k-others", str(args.k_others), "--confidence-others",
+        str(args.confidence_others), "--group", str(args.group), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else [])])
 
 
 def main(argv=None) -> dict:
@@ -215,11 +220,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--slow-prompts", type=int, default=2, help="prompts the modes without speculation time")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--k", type=int, default=12, help="draft tokens per pass at most")
+    parser.add_argument("--k", type=int, default=20, help="the int4 self-draft's tokens per pass at most")
+    parser.add_argument("--k-others", type=int, default=12, help="the hot-neuron and 0.5B drafts' tokens per pass")
     parser.add_argument("--adaptive", action="store_true", help="the cost model chooses K (up to --k-max)")
     parser.add_argument("--k-max", type=int, default=16)
-    parser.add_argument("--confidence", type=float, default=0.0,
-                        help="a draft stops after a token it gives less than this (exact either way)")
+    parser.add_argument("--confidence", type=float, default=0.1,
+                        help="the int4 self-draft stops after a token it gives less than this (exact either way)")
+    parser.add_argument("--confidence-others", type=float, default=0.4, help="the same for the other two drafts")
     parser.add_argument("--group", type=int, default=32, help="the int4 self-draft's quantization group")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", action="store_true")
@@ -266,7 +273,8 @@ def main(argv=None) -> dict:
         "tokens_per_s_offload_spec_hot": by.get("offload_spec_hot", {}).get("tokens_per_s"),
         "accepted_per_pass_hot": by.get("offload_spec_hot", {}).get("accepted_per_pass"),
         "exact": all(checks[m]["mismatches"] == 0 for m in checks),
-        "k": args.k, "adaptive": args.adaptive, "confidence_threshold": args.confidence,
+        "k": args.k, "adaptive": args.adaptive, "confidence_threshold": args.confidence, "group": args.group,
+        "k_others": args.k_others, "confidence_threshold_others": args.confidence_others,
         "rows": rows,
     }
     for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft"):

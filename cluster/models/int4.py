@@ -22,6 +22,7 @@ from cluster.models import native
 LEVELS = 15  # q in 0..15
 OFFSET = 8  # w = (q - 8) * s + z, as torch's int4 kernels compute it
 NATIVE_MAX_TOKENS = 64  # the native kernel's per-call token limit (larger batches are split)
+CHUNK_ROWS = 2048  # rows quantized at a time (a multiple of 4, the native kernel's tile)
 
 
 @dataclass
@@ -65,6 +66,12 @@ def quantize(weight: torch.Tensor, group: int = 32, use_native: bool | None = No
     out, inp = weight.shape
     if group not in (32, 64, 128, 256) or inp % group:
         raise ValueError(f"int4: group {group} must be 32, 64, 128 or 256 and divide in_features {inp}")
+    if use_native is None:
+        use_native = native.int4_products() is not None and out % 4 == 0 and inp // group <= 512
+    if use_native and out > CHUNK_ROWS:  # a few rows at a time: fp32 temporaries of a whole layer would set peak RSS
+        parts = [quantize(rows, group, True) for rows in weight.split(CHUNK_ROWS)]
+        return Int4Linear(torch.cat([p.packed for p in parts]), group, out, inp,
+                          scales=torch.cat([p.scales for p in parts]), zeros=torch.cat([p.zeros for p in parts]))
     w = weight.float().view(out, inp // group, group)
     low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     # z (at q = 8) rounded to bf16 first, then the smallest bf16 step whose grid z - 8s .. z + 7s still
@@ -75,8 +82,6 @@ def quantize(weight: torch.Tensor, group: int = 32, use_native: bool | None = No
     scale = torch.where(scale.float() < need, (scale.view(torch.int16) + 1).view(torch.bfloat16), scale).float()
     q = ((w - zero) / scale + OFFSET).round().clamp(0, LEVELS).to(torch.int32).view(out, inp)
     scale, zero = scale.squeeze(-1).to(torch.bfloat16), zero.squeeze(-1).to(torch.bfloat16)
-    if use_native is None:
-        use_native = native.int4_products() is not None and out % 4 == 0 and inp // group <= 512
     if use_native:
         nib = q.view(out, inp // 32, 2, 16).to(torch.uint8)
         packed = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()

@@ -137,8 +137,11 @@ def run_mode(args) -> dict:
            **{k.replace("_s", "_share"): round((getattr(engine.timings, k) - v) / seconds, 3) for k, v in t0.items()},
            "outputs": outputs}
     if mode != "dense":
+        from cluster.models.flash_store import resident_fraction
+
         lay = BundleLayout.load(bundle)
         backend.settle()
+        row["page_cache_fraction"] = round(resident_fraction(bundle / "ffn.bin"), 4)  # O_DIRECT: ~0
         read = backend.reader.bytes_read - read0 + (backend.embed_rows.bytes_read if backend.embed_rows else 0)
         row |= {"budget_gb": round(budget, 3), "held_gb": round((backend.held_bytes + draft_gb * 1e9) / 1e9, 3),
                 "cached_neurons": f"{backend.neurons.capacity}/{lay.intermediate}",

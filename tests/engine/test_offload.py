@@ -304,3 +304,12 @@ def test_a_budget_with_no_room_for_an_int4_draft_is_refused(flash):
     with pytest.raises(ValueError, match="int4 draft FFN .* does not fit"):
         SparseDraftBackend(off, 2, 128, ffn="int4", group=32)
     assert off.reserved_bytes == 0
+
+
+def test_the_int4_fidelity_script_runs_and_its_own_model_agrees_with_itself(tiny_models):
+    from tools.int4_fidelity import main
+
+    result = main(["--model", str(tiny_models["target"]), "--groups", "32", "--prompts", "2", "--tokens", "8"])
+    itself, int4 = result["rows"]
+    assert itself["agreement"] >= 0.9 and itself["ffn"] == "bf16 (itself)"
+    assert int4["ffn"] == "int4, group 32" and 0.0 <= int4["agreement"] <= 1.0

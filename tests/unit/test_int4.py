@@ -76,3 +76,12 @@ def test_quantizing_a_few_rows_at_a_time_gives_the_same_weights(monkeypatch):
     monkeypatch.setattr(int4, "CHUNK_ROWS", 8)
     parts = quantize(w, 32, use_native=True)
     assert all(torch.equal(getattr(whole, k), getattr(parts, k)) for k in ("packed", "scales", "zeros"))
+
+
+def test_chain_tokens_per_pass_counts_leading_agreements_and_the_targets_token():
+    from tools.int4_fidelity import chain_tokens_per_pass
+
+    assert chain_tokens_per_pass([True] * 6, k=12) == 6.0  # one pass: six agreements (the last has no bonus left)
+    assert chain_tokens_per_pass([False] * 4, k=12) == 1.0  # every pass yields only the target's token
+    # passes: [T T F] -> 3 tokens, [T T] capped at k=2 then the target's -> 3, [T] -> 1: 7 tokens in 3 passes
+    assert chain_tokens_per_pass([True, True, False, True, True, True, True], k=2) == 7 / 3

@@ -211,7 +211,8 @@ def spawn(args, mode: str) -> dict:
         "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
         "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
         "--confidence", str(args.confidence), "--k-others", str(args.k_others), "--confidence-others",
-        str(args.confidence_others), "--group", str(args.group), "--k-max", str(args.k_max), *(["--adaptive"] if args.adaptive else [])])
+        str(args.confidence_others), "--group", str(args.group), "--k-max", str(args.k_max),
+        *(["--adaptive"] if args.adaptive else [])])
 
 
 def main(argv=None) -> dict:

@@ -159,7 +159,7 @@ BREAKAGES = [
              ("tests/engine/test_drafters.py::test_a_fallback_member_is_asked_only_where_the_others_found_little",)),
     Breakage("int4-draft-outside-budget", "an offloaded target's int4 draft takes its bytes without shrinking the cache",
              "cluster/models/offload.py",
-             "        target.reserve(self.nbytes, f\"the int4 draft FFN (group {group})\")\n", "",
+             "                target.reserve(self.nbytes, f\"the int4 draft FFN (group {group})\")\n", "",
              ("tests/engine/test_offload.py::test_an_int4_draft_takes_its_bytes_from_the_budget_and_leaves_the_target_"
               "exact", "tests/engine/test_offload.py::test_a_budget_with_no_room_for_an_int4_draft_is_refused")),
     Breakage("int4-zero-dropped", "the native int4 products leave out each group's zero point",

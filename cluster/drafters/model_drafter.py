@@ -119,7 +119,7 @@ def build_sparse(section, context) -> ModelDrafter:
     target = getattr(context.target_model, "_offload", None)
     if target is None:
         raise ValueError("drafter.sparse: needs the target in the same process with `backend: offload` "
-                         "(it drafts from that backend's hot-neuron cache)")
+                         "(it drafts with that backend's resident weights and its neuron cache)")
     backend = SparseDraftBackend(target, context.num_slots, context.capacity, section.vocab, section.ffn,
                                  section.group)
     return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)

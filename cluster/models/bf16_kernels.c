@@ -285,7 +285,8 @@ static inline __attribute__((always_inline)) void int4_tile(
             c0 = _mm512_fmadd_ps(m, _mm512_loadu_ps(xs + t0 * groups + g), c0);
             if (two) c1 = _mm512_fmadd_ps(m, _mm512_loadu_ps(xs + (t0 + 1) * groups + g), c1);
         }
-        float e0 = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], c0)), e1 = two ? _mm512_reduce_add_ps(_mm512_add_ps(a1[r], c1)) : 0;
+        float e0 = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], c0));
+        float e1 = two ? _mm512_reduce_add_ps(_mm512_add_ps(a1[r], c1)) : 0;
         for (; g < groups; g++) {
             float m = from_bf16(zr[g]) - (8.f + BIAS) * from_bf16(sr[g]);
             e0 += m * xs[t0 * groups + g];

@@ -50,8 +50,9 @@ class Int4Linear:
         if self.scales_zeros is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
         else:
-            y = torch.cat([native.int4_product(part, self.packed, self.scales, self.zeros, self.group)
-                           for part in flat.split(NATIVE_MAX_TOKENS)]) if len(flat) else flat.new_empty(0, self.out_features)
+            parts = [native.int4_product(part, self.packed, self.scales, self.zeros, self.group)
+                     for part in flat.split(NATIVE_MAX_TOKENS)]
+            y = torch.cat(parts) if parts else flat.new_empty(0, self.out_features)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The native bf16 kernels (bf16_kernels.c): products for one token to a few dozen, HF's RMSNorm, RoPE with the
-KV-pool write, SwiGLU's silu * up, attention over a paged KV cache, and int4 weight-only products; built with the machine's C
-compiler on first use and called through ctypes.
+"""The native bf16 kernels (bf16_kernels.c): products for one token to a few dozen, HF's RMSNorm, RoPE with
+the KV-pool write, SwiGLU's silu * up, attention over a paged KV cache, and int4 weight-only products; built
+with the machine's C compiler on first use and called through ctypes.
 
 They are an option, never a requirement: where the CPU lacks AVX512-BF16, no compiler is found, the build
 fails, or a shape or layout is outside what a kernel takes, `library()` is None, `product()` falls back to

@@ -259,16 +259,17 @@ class Int4FFN:
     """Every layer's FFN as int4 copies (gate and up fused, down), cast from the bundle at load time: one
     read of the FFN, no training. Its bytes come out of the target's budget (the neuron cache shrinks)."""
 
-    def __init__(self, target: OffloadedBackend, group: int = 128):
+    def __init__(self, target: OffloadedBackend, group: int = 32):
         lay = target.layout
         self.gate_up, self.down = [], []
         for li in range(lay.layers):
             full = target.read_layer(li)  # [I, 3, H]: gate row, up row, down column per neuron
-            self.gate_up.append(int4.quantize(full[:, :2].transpose(0, 1).reshape(2 * lay.intermediate, lay.hidden),
-                                              group))
+            gate_up = full[:, :2].transpose(0, 1).reshape(2 * lay.intermediate, lay.hidden)
+            self.gate_up.append(int4.quantize(gate_up, group))
             self.down.append(int4.quantize(full[:, 2].t(), group))
-        self.nbytes = sum(q.nbytes for q in self.gate_up + self.down)
-        target.reserve(self.nbytes, f"the int4 draft FFN (group {group})")
+            if li == 0:  # every layer is the same size: claim the budget before casting the rest
+                self.nbytes = lay.layers * (self.gate_up[0].nbytes + self.down[0].nbytes)
+                target.reserve(self.nbytes, f"the int4 draft FFN (group {group})")
 
     def __call__(self, li: int, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[li](h).chunk(2, dim=-1)
@@ -282,7 +283,7 @@ class SparseDraftBackend(LeanBackend):
     name = "sparse-draft"
 
     def __init__(self, target: OffloadedBackend, num_slots: int, capacity: int, vocab: int = 0,
-                 ffn: str = "hot", group: int = 128):
+                 ffn: str = "hot", group: int = 32):
         """vocab: draft over the `vocab` most frequent tokens only (the first rows of a frequency-ordered
         head, no copy; 0 or a head in token order: all of them). Other tokens get -inf: never drafted.
         ffn: "hot" (the cached neurons in bf16; the cache becomes a sliding window over recent activations)

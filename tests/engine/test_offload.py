@@ -281,9 +281,10 @@ def test_a_sparse_draft_turns_the_window_on_and_without_one_the_hot_set_stays(fl
 
 def test_an_int4_draft_takes_its_bytes_from_the_budget_and_leaves_the_target_exact(tiny_models, flash):
     off = _offloaded(flash, 40)
-    lean = LeanBackend(AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval(), 4, 128)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    lean = LeanBackend(model, 4, 128)
     draft = SparseDraftBackend(off, 2, 128, ffn="int4", group=32)
-    assert off.reserved_bytes == draft.int4.nbytes > 0
+    assert off.reserved_bytes == draft.int4.nbytes == sum(q.nbytes for q in draft.int4.gate_up + draft.int4.down) > 0
     assert off.neurons.capacity < 40 and off.held_bytes <= off.budget_bytes  # the cache made room
     row = [5, 17, 40, 3]
     dense = lean.forward([Row(lean.cache.allocate(), row)]).logits

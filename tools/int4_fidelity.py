@@ -1,7 +1,7 @@
 """How closely a model with its FFN cast to int4 (cluster/models/int4.py) follows the model itself: the
-dense model's greedy continuations of W-code prompts, then the fraction of their positions where the int4
-model's argmax (teacher-forced) is the dense model's token, and the tokens a K-token chain draft would
-yield per pass at that agreement pattern.
+dense model's greedy continuations of W-code prompts (the offload benchmark's), then the fraction of their
+positions where the int4 model's argmax (teacher-forced) is the dense model's token, and the tokens a
+K-token chain draft would yield per pass at that agreement pattern.
 
     python -m tools.int4_fidelity [--model models/qwen2.5-coder-1.5b-instruct] [--groups 32 128]
         [--prompts 6] [--tokens 48] [--k 12] [--json]
@@ -13,11 +13,8 @@ near-ties between the two computations' shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def chain_tokens_per_pass(hits: list[bool], k: int) -> float:
@@ -37,6 +34,8 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from benchmarks.cluster_load import emit
+    from benchmarks.offload import code_prompts
     from cluster.models.int4 import quantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +49,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, local_files_only=True).eval()
-    rows = [json.loads(line) for line in (ROOT / "benchmarks/workloads/code.jsonl").read_text().splitlines() if line]
-    prompts = [r["prompt"] for r in rows[:: max(1, len(rows) // args.prompts)][: args.prompts]]
+    prompts = code_prompts(args.prompts)
     runs = []
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
@@ -68,24 +66,18 @@ def main(argv=None) -> dict:
             return row
 
         table = [measure("bf16 (itself)")]
-        mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
-        dense = [[lin.weight.data for lin in (m.gate_proj, m.up_proj, m.down_proj)] for m in mlps]
+        ffn = [lin for name, m in model.named_modules() if name.endswith(".mlp")
+               for lin in (m.gate_proj, m.up_proj, m.down_proj)]
+        dense = [lin.weight.data for lin in ffn]
         for group in args.groups:
-            for m, weights in zip(mlps, dense):
-                for lin, w in zip((m.gate_proj, m.up_proj, m.down_proj), weights):
-                    lin.weight.data = quantize(w, group).dequantize()
+            for lin, w in zip(ffn, dense):
+                lin.weight.data = quantize(w, group).dequantize()
             table.append(measure(f"int4, group {group}"))
-        for m, weights in zip(mlps, dense):
-            for lin, w in zip((m.gate_proj, m.up_proj, m.down_proj), weights):
-                lin.weight.data = w
+        for lin, w in zip(ffn, dense):
+            lin.weight.data = w
     result = {"model": Path(args.model).name, "prompts": len(prompts), "tokens": args.tokens, "k": args.k,
               "rows": table}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{'FFN':<16} {'agreement':>10} {'tokens/pass (chain K=' + str(args.k) + ')':>28}")
-        for r in table:
-            print(f"{r['ffn']:<16} {r['agreement']:>10} {r['chain_tokens_per_pass']:>28}")
+    emit(result, args.json)
     return result
 
 

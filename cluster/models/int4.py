@@ -21,8 +21,7 @@ from cluster.models import native
 
 LEVELS = 15  # q in 0..15
 OFFSET = 8  # w = (q - 8) * s + z, as torch's int4 kernels compute it
-NATIVE_MAX_TOKENS = 64  # the native kernel's per-call token limit (larger batches are split)
-CHUNK_ROWS = 2048  # rows quantized at a time (a multiple of 4, the native kernel's tile)
+CHUNK_ROWS = 2048  # rows quantized at a time (a multiple of native.INT4_TILE)
 
 
 @dataclass
@@ -51,7 +50,7 @@ class Int4Linear:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
         else:
             parts = [native.int4_product(part, self.packed, self.scales, self.zeros, self.group)
-                     for part in flat.split(NATIVE_MAX_TOKENS)]
+                     for part in flat.split(native.INT4_MAX_TOKENS)]
             y = torch.cat(parts) if parts else flat.new_empty(0, self.out_features)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -68,7 +67,7 @@ def quantize(weight: torch.Tensor, group: int = 32, use_native: bool | None = No
     if group not in (32, 64, 128, 256) or inp % group:
         raise ValueError(f"int4: group {group} must be 32, 64, 128 or 256 and divide in_features {inp}")
     if use_native is None:
-        use_native = native.int4_products() is not None and out % 4 == 0 and inp // group <= 512
+        use_native = native.int4_covers(out, inp, group)
     if use_native and out > CHUNK_ROWS:  # a few rows at a time: fp32 temporaries of a whole layer would set peak RSS
         parts = [quantize(rows, group, True) for rows in weight.split(CHUNK_ROWS)]
         return Int4Linear(torch.cat([p.packed for p in parts]), group, out, inp,

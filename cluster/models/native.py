@@ -119,21 +119,31 @@ def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+INT4_MAX_TOKENS = 64  # int4_products' limits: tokens a call, groups a row (its stack buffer), rows a tile
+INT4_MAX_GROUPS = 512
+INT4_TILE = 4
+
+
 def int4_products():
     """The int4 products kernel, or None where the library is unavailable."""
     lib = library()
     return None if lib is None else lib.int4_products
 
 
+def int4_covers(out: int, inp: int, group: int) -> bool:
+    """Whether the int4 kernel is available and takes a weight [out, in] with this group."""
+    return int4_products() is not None and out % INT4_TILE == 0 and inp // group <= INT4_MAX_GROUPS
+
+
 def int4_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group: int) -> torch.Tensor:
-    """x [N, in] (bf16, contiguous, N <= 64) @ W^T for an int4 weight in the native layout (int4.py packs it
-    and checks the shapes): [N, out] bf16."""
+    """x [N, in] (bf16, contiguous, N <= INT4_MAX_TOKENS) @ W^T for an int4 weight in the native layout
+    (int4.py packs it): [N, out] bf16."""
     n, inp = x.shape
     out = packed.shape[0]
-    if inp // group > 512 or n > 64 or out % 4:
+    if n > INT4_MAX_TOKENS or not int4_covers(out, inp, group):
         raise ValueError(f"int4_product: {n} tokens x {inp // group} groups x {out} outputs is outside the "
-                         "kernel's <= 64 x <= 512 x a multiple of 4")
+                         f"kernel's <= {INT4_MAX_TOKENS} x <= {INT4_MAX_GROUPS} x a multiple of {INT4_TILE}")
     y = torch.empty(n, out, dtype=torch.bfloat16)
     int4_products()(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), n, inp, out,
                     group, torch.get_num_threads())

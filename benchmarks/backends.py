@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.cluster_load import emit
+from benchmarks.report import emit
 from benchmarks.speculative import load_prompts
 from cluster.config import load_config
 from cluster.engine import SpecEngine
@@ -54,8 +54,11 @@ def time_pass(backend, slots: list[int], new_tokens: int) -> float:
         backend.cache.truncate(s, 0)
         backend.cache.reserve(s, CONTEXT)
         backend.cache.lengths[s] = CONTEXT
+    sync = torch.cuda.synchronize if str(backend.device).startswith("cuda") else (lambda: None)
+    sync()
     start = time.perf_counter()
     backend.forward([Row(s, [5] * new_tokens) for s in slots])
+    sync()  # a GPU pass has only been queued when forward returns
     return time.perf_counter() - start
 
 

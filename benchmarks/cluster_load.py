@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ import time
 import ray
 
 from benchmarks.exactness import check_outputs
+from benchmarks.report import emit
 from benchmarks.speculative import load_prompts
 from cluster.config import load_config
 from cluster.models.loader import load_tokenizer
@@ -288,17 +288,6 @@ def main(argv=None) -> dict:
     emit(result, args.json, cols)
     return result
 
-
-def emit(result: dict, as_json: bool, cols: list[str] | None = None) -> None:
-    """One JSON object, or a header line and a `|`-separated table of result["rows"]."""
-    if as_json:
-        print(json.dumps(result))
-        return
-    print(" ".join(f"{k}={v}" for k, v in result.items() if k != "rows"))
-    cols = cols or list(result["rows"][0])
-    print(" | ".join(cols))
-    for row in result["rows"]:
-        print(" | ".join(str(row[c]) for c in cols))
 
 
 if __name__ == "__main__":

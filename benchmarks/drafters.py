@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cluster_load import emit
+from benchmarks.report import emit
 from benchmarks.exactness import check_outputs
 from benchmarks.speculative import run_hf
 from cluster.config import DrafterConfig, load_config

@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 import ray
 
-from benchmarks.cluster_load import drive, emit, pct
+from benchmarks.cluster_load import drive, pct
+from benchmarks.report import emit
 from benchmarks.speculative import load_prompts
 from cluster.config import load_config
 from cluster.router import Router

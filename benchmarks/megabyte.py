@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.cluster_load import emit
+from benchmarks.report import emit
 from cluster.config import load_config
 from cluster.engine import SpecEngine
 from cluster.models.backend import Row

@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
     for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft"):
         if naive and result[f"tokens_per_s_{key}"]:
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
-    from benchmarks.cluster_load import emit
+    from benchmarks.report import emit
 
     cols = ["mode", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass", "acceptance", "draft_share",
                              "bytes_read_per_token", "read_gb_per_s", "io_wait_share", "held_gb", "budget_gb",

@@ -396,8 +396,9 @@ class SpecEngine(Engine):
         self.target = target
         self.drafter = None
         if spec.k > 0:
-            context = BuildContext(limits.max_batch_size, capacity, target.vocab_size, eos_ids=tuple(target.eos_ids),
-                                   rule=spec.rule, target=config.target, target_model=target.backend.model,
+            context = BuildContext(limits.max_batch_size, capacity, target.vocab_size, str(target.backend.device),
+                                   eos_ids=tuple(target.eos_ids), rule=spec.rule, target=config.target,
+                                   target_model=target.backend.model,
                                    sections=config.drafter.sections)
             self.drafter = DraftWorker(config.drafter.kind, config.drafter.section, context, drafter=drafter)
         # The cost model is measured only where the scheduler uses it: adaptive budgets (in one process

@@ -146,11 +146,16 @@ class SparseConfig:
 
 @dataclass
 class QuantizedConfig:
-    """A compressed copy of the target without training: its linear layers quantized to int8 (dynamic
-    quantization on CPU; weights int8, activations quantized on the fly), the rest in fp32."""
+    """A compressed copy of the target without training: its linear layers quantized, the rest as it is.
+    format: int8 (torch's dynamic quantization, CPU only), int4 (weight-only, `group` inputs a scale and
+    zero; CPU and CUDA) or fp8 (e4m3 weights and activations, CUDA's fp8 tensor cores; on CPU an emulation
+    that multiplies by the same values, slowly: for measuring acceptance). cluster/models/quantized.py."""
 
-    bits: int = 8
+    format: str = "int8"
+    group: int = 32  # int4: input features sharing one scale and zero point (32, 64, 128 or 256)
 
     def validate(self, key: str, check_paths: bool = True) -> None:
-        if self.bits != 8:
-            raise ConfigError(f"{key}.bits: only 8 (int8 dynamic quantization) is implemented")
+        if self.format not in ("int8", "int4", "fp8"):
+            raise ConfigError(f"{key}.format: {self.format!r} is not one of 'int8', 'int4', 'fp8'")
+        if self.group not in (32, 64, 128, 256):
+            raise ConfigError(f"{key}.group: {self.group} is not one of 32, 64, 128, 256")

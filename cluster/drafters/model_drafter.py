@@ -98,16 +98,16 @@ def build_layerskip(section, context) -> ModelDrafter:
 
 
 def build_quantized(section, context) -> ModelDrafter:
-    """The target's weights with every linear layer int8 (dynamic quantization), run by the eager backend."""
-    import copy
-
+    """The target's weights with every linear layer quantized (int8, int4 or fp8). int8 runs on CPU in the
+    eager backend; int4 and fp8 on the drafter's device, in the lean backend where it covers the model."""
     from cluster.models.loader import load_model
+    from cluster.models.quantized import quantized_backend
 
-    source = context.target_model if context.target_model is not None else load_model(context.target, "cpu")
-    model = copy.deepcopy(source).float().cpu()
-    model.__dict__.pop("_lean_layers", None)  # fused views of the source's weights: not this copy's
-    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    backend = HFBackend(model, context.num_slots, context.capacity)
+    device = "cpu" if section.format == "int8" else context.device
+    source = context.target_model
+    if source is None or not str(next(source.parameters()).device).startswith(device):
+        source = load_model(context.target, device)
+    backend = quantized_backend(source, section.format, section.group, context.num_slots, context.capacity)
     return ModelDrafter(backend, 0.0, context.eos_ids, context.rule)
 
 

@@ -37,7 +37,7 @@ DRAFTERS: dict[str, Kind] = {
     "layerskip": Kind(LayerSkipConfig, "cluster.drafters.model_drafter:build_layerskip",
                       "the target's first layers + head: a compressed copy, no training", model_based=True),
     "quantized": Kind(QuantizedConfig, "cluster.drafters.model_drafter:build_quantized",
-                      "the target with int8 linear layers: a compressed copy, no training", model_based=True),
+                      "the target with int8, int4 or fp8 linear layers: a compressed copy, no training", model_based=True),
     "sparse": Kind(SparseConfig, "cluster.drafters.model_drafter:build_sparse",
                    "an offloaded target's hot neurons in DRAM (its FFN over cached neurons only); reads no storage",
                    model_based=True),

@@ -8,7 +8,7 @@ within half a step of its value.
 
 The product runs in the native kernel (`int4_products` in bf16_kernels.c, which unpacks the nibbles as it
 reads them: the weights are never widened in memory) where it is available, else in torch's CPU int4
-kernel, each with its own packing; both multiply by the same weights.
+kernel; on CUDA in torch's tinygemm kernel. Each has its own packing; all multiply by the same weights.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CHUNK_ROWS = 2048  # rows quantized at a time (a multiple of native.INT4_TILE)
 class Int4Linear:
     """A quantized weight [out, in]. `packed` uint8 [out, in/2]: the native layout (per 32 inputs, byte j
     holds q[j] low and q[16 + j] high) when `scales`/`zeros` (bf16 [out, in/group]) are set, else torch's
-    CPU layout with `scales_zeros` (bf16 [in/group, out, 2])."""
+    layout for the device it is on (CPU or CUDA) with `scales_zeros` (bf16 [in/group, out, 2])."""
 
     packed: torch.Tensor
     group: int
@@ -46,7 +46,9 @@ class Int4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W.T -> [..., out], in x's dtype (the kernels themselves take and give bf16)."""
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if self.scales_zeros is not None:
+        if self.packed.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales_zeros)
+        elif self.scales_zeros is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
         else:
             parts = [native.int4_product(part, self.packed, self.scales, self.zeros, self.group)
@@ -57,16 +59,22 @@ class Int4Linear:
     def dequantize(self) -> torch.Tensor:
         """The weight this layer multiplies by, [out, in] in bf16 (for tests and error reports): the kernel's
         own product with the identity, so it needs no knowledge of the packed layout."""
-        return self(torch.eye(self.in_features, dtype=torch.bfloat16)).t().contiguous()  # exact: one term a sum
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return self(eye).t().contiguous()  # exact: one term a sum
 
 
 def quantize(weight: torch.Tensor, group: int = 32, use_native: bool | None = None) -> Int4Linear:
     """Round-to-nearest int4 of `weight` [out, in]; `in` must be a multiple of `group` (32, 64, 128 or 256:
-    what the kernels take). use_native: pack for the native kernel (default: where it is available)."""
+    what the kernels take). use_native: pack for the native kernel (default: where it is available). A CUDA
+    weight is packed for CUDA."""
     out, inp = weight.shape
     if group not in (32, 64, 128, 256) or inp % group:
         raise ValueError(f"int4: group {group} must be 32, 64, 128 or 256 and divide in_features {inp}")
-    if use_native is None:
+    if weight.is_cuda:
+        use_native = False
+        if out % 8 or inp % 32:
+            raise ValueError(f"int4 on CUDA: a weight [{out}, {inp}] needs out % 8 == 0 and in % 32 == 0 (tinygemm)")
+    elif use_native is None:
         use_native = native.int4_covers(out, inp, group)
     if use_native and out > CHUNK_ROWS:  # a few rows at a time: fp32 temporaries of a whole layer would set peak RSS
         parts = [quantize(rows, group, True) for rows in weight.split(CHUNK_ROWS)]
@@ -86,6 +94,10 @@ def quantize(weight: torch.Tensor, group: int = 32, use_native: bool | None = No
         nib = q.view(out, inp // 32, 2, 16).to(torch.uint8)
         packed = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
         return Int4Linear(packed, group, out, inp, scales=scale.contiguous(), zeros=zero.contiguous())
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    if weight.is_cuda:  # two q a byte, the even input in the high nibble; k tiles as large as `in` divides into
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, next(t for t in (8, 4, 2) if inp % (t * 16) == 0))
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
     return Int4Linear(packed, group, out, inp, scales_zeros=scales_zeros)

@@ -167,7 +167,7 @@ class LeanBackend(HFBackend):
         if group > 1:
             q = q.reshape(b, self.n_kv, group * width, dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.view(b, heads, width, dim)
+        return out.reshape(b, heads, width, dim)  # CUDA's kernels may return it strided: no view then
 
     @torch.inference_mode()
     def commit(self, slot: int, start: int, keep: list[int]) -> None:
@@ -318,8 +318,12 @@ def tune_products(weights: list[torch.Tensor], rounds: int = 5) -> dict[str, str
     return plan
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] @ w[out, in]^T (+ b), by the tuned kernel for N (F.linear where none was tuned)."""
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] @ w[out, in]^T (+ b), by the tuned kernel for N (F.linear where none was tuned). A quantized
+    weight (a compressed copy's: cluster/models/quantized.py) runs its own kernel."""
+    if not isinstance(w, torch.Tensor):
+        y = w(x)
+        return y if b is None else y + b
     n = x.shape[0]
     # A bias goes inside the product, rounded once. Added after, in bf16, Qwen2's large q/k biases
     # rounded the keys twice: a verify pass of 2-12 tokens then changed an argmax with a 1.3-logit margin

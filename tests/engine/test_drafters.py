@@ -22,6 +22,8 @@ KINDS = {
     "suffix": DrafterConfig("suffix", {"suffix": SuffixConfig()}),
     "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers=1)}),
     "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
+    "quantized:int4": DrafterConfig("quantized", {"quantized": QuantizedConfig("int4")}),
+    "quantized:fp8": DrafterConfig("quantized", {"quantized": QuantizedConfig("fp8")}),
     "multi": DrafterConfig("multi", {"multi": MultiConfig(["ngram", "suffix", "layerskip"]),
                                      "layerskip": LayerSkipConfig(layers=1)}),
 }

@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.cluster_load import emit
+    from benchmarks.report import emit
     from benchmarks.offload import code_prompts
     from cluster.models.int4 import quantize
 

@@ -49,6 +49,9 @@ def drafters(layers: int, heads: str | None, multi_heads: str | None = None,
         "suffix": DrafterConfig("suffix", {"suffix": SuffixConfig()}),
         "layerskip": DrafterConfig("layerskip", {"layerskip": LayerSkipConfig(layers)}),
         "quantized": DrafterConfig("quantized", {"quantized": QuantizedConfig()}),
+        "quantized_int4": DrafterConfig("quantized", {"quantized": QuantizedConfig("int4")}),
+        # fp8 is a GPU format: here an emulation with the same numbers (its acceptance holds, its speed does not)
+        "quantized_fp8": DrafterConfig("quantized", {"quantized": QuantizedConfig("fp8")}),
     }
     if heads:
         out["heads"] = DrafterConfig("heads", {"heads": HeadsConfig(heads, vocab=heads_vocab)})
@@ -183,7 +186,7 @@ def main(argv=None) -> dict:
         reference = results["k0"]
         for name, result in results.items():
             fixed = None
-            if name in ("layerskip", "quantized", "heads"):  # the drafter's own acceptance, drafting every step
+            if name in ("layerskip", "heads") or name.startswith("quantized"):  # the drafter's own acceptance, drafting every step
                 cfg = configs[name]
                 cfg.speculation.k, cfg.speculation.adaptive = args.fixed_k, False
                 engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)

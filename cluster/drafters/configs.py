@@ -153,9 +153,12 @@ class QuantizedConfig:
 
     format: str = "int8"
     group: int = 32  # int4: input features sharing one scale and zero point (32, 64, 128 or 256)
+    confidence_threshold: float = 0.0  # stop a draft after a token the copy gives less than this
 
     def validate(self, key: str, check_paths: bool = True) -> None:
         if self.format not in ("int8", "int4", "fp8"):
             raise ConfigError(f"{key}.format: {self.format!r} is not one of 'int8', 'int4', 'fp8'")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ConfigError(f"{key}.confidence_threshold: must be in [0, 1)")
         if self.group not in (32, 64, 128, 256):
             raise ConfigError(f"{key}.group: {self.group} is not one of 32, 64, 128, 256")

@@ -108,7 +108,7 @@ def build_quantized(section, context) -> ModelDrafter:
     if source is None or not str(next(source.parameters()).device).startswith(device):
         source = load_model(context.target, device)
     backend = quantized_backend(source, section.format, section.group, context.num_slots, context.capacity)
-    return ModelDrafter(backend, 0.0, context.eos_ids, context.rule)
+    return ModelDrafter(backend, section.confidence_threshold, context.eos_ids, context.rule)
 
 
 def build_sparse(section, context) -> ModelDrafter:

@@ -16,6 +16,7 @@ import copy
 import torch
 
 from cluster.models import int4
+from cluster.models.lean import LeanBackend
 
 FORMATS = ("int8", "int4", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -100,25 +101,46 @@ def quantized_backend(source: torch.nn.Module, fmt: str, group: int, num_slots: 
     `quantized_copy`. The eager forward costs ~2x the lean one a step at these sizes, on CPU and GPU alike
     (benchmarks/gpu.py), which a draft cannot afford."""
     from cluster.models.backend import HFBackend
-    from cluster.models.lean import LeanBackend, supports
+    from cluster.models.lean import supports
 
     if fmt == "int8" or supports(source) is not None:
         return HFBackend(quantized_copy(source, fmt, group), num_slots, capacity)
     check(fmt, next(source.parameters()).device)
+    shared = getattr(source, "_lean_layers", None)  # the target's fused weights, when it runs in this process
     model = copy.deepcopy(source).to(torch.bfloat16)
     model.__dict__.pop("_lean_layers", None)
-    backend = LeanBackend(model, num_slots, capacity)
+    backend = QuantizedLeanBackend(model, num_slots, capacity)
     backend.layers = model._lean_layers = [
         (ln1, quantize_weight(qkv, fmt, group), bias, quantize_weight(o, fmt, group), ln2,
          quantize_weight(gate_up, fmt, group), quantize_weight(down, fmt, group), g)
         for ln1, qkv, bias, o, ln2, gate_up, down, g in backend.layers]
     head = backend.head
     backend.head_rows = quantize_weight(head.weight, fmt, group)
+    backend.quantized = backend.layers, backend.head_rows
+    if shared is not None and shared[0][1].dtype == torch.bfloat16:
+        backend.dense = shared, source.get_output_embeddings().weight
     tied = head.weight.data_ptr() == backend.embed.data_ptr()
     for m in model.modules():  # nothing reads the bf16 weights now but the embedding (a tied head is it)
         if isinstance(m, torch.nn.Linear) and not (m is head and tied):
             m.weight = None
     return backend
+
+
+class QuantizedLeanBackend(LeanBackend):
+    """A lean copy whose products are quantized. Where the copy was cast from a target in this process, a
+    wide pass (a prompt) runs on the target's own bf16 weights instead: the int4 kernel is built for a few
+    tokens (a 300-token SmolLM2 prompt took 707 ms through it, 429 ms in bf16), and the keys and values a
+    prompt leaves only steer the draft, which the target verifies."""
+
+    DENSE_ABOVE = 16  # new tokens in a pass above which the shared bf16 weights run it
+
+    quantized: tuple = ()  # (layers, head rows) with quantized products
+    dense: tuple | None = None  # the target's (layers, head rows), shared
+
+    def forward(self, rows, last_only: bool = False, hidden: bool = False):
+        wide = self.dense is not None and sum(len(r.tokens) for r in rows) > self.DENSE_ABOVE
+        self.layers, self.head_rows = self.dense if wide else self.quantized
+        return super().forward(rows, last_only, hidden)
 
 
 def check(fmt: str, device: torch.device) -> None:

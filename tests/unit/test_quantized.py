@@ -87,3 +87,22 @@ def test_the_lean_copy_multiplies_by_the_same_quantized_weights_as_the_eager_cop
     # bf16 rounding apart, the same products: nearer the eager copy than the weights it was cast from
     # (fp8: 0.44 of the way here; int4: 0.02. A copy that kept the bf16 weights would be 0 from the target.)
     assert (a - b).abs().mean() < 0.6 * (a - t).abs().mean()
+
+
+def test_a_copy_of_a_target_in_process_reads_prompts_with_the_targets_weights():
+    from cluster.models.backend import Row
+    from cluster.models.lean import LeanBackend
+    from cluster.models.quantized import QuantizedLeanBackend, quantized_backend
+
+    source = _model().to(torch.bfloat16)
+    target = LeanBackend(source, 2, 64)  # fuses the source's weights: the copy shares them for wide passes
+    copy = quantized_backend(source, "int4", 32, 2, 64)
+    wide = list(range(1, QuantizedLeanBackend.DENSE_ABOVE + 2))
+
+    def logits(backend, tokens):
+        return backend.forward([Row(backend.cache.allocate(), tokens)]).logits
+
+    assert torch.equal(logits(copy, wide), logits(target, wide))  # the target's products, bit for bit
+    assert not torch.equal(logits(copy, wide[:4]), logits(target, wide[:4]))  # a draft step: int4
+    alone = quantized_backend(_model().to(torch.bfloat16), "int4", 32, 1, 64)  # no target beside it
+    assert alone.dense is None

@@ -8,14 +8,15 @@ so none is reported for it.
 
 1. products: the int4 copy (torch's tinygemm kernel) and the fp8 copy (`torch._scaled_mm`) against the
    same quantized weights multiplied on the CPU.
-2. exact: the engine on the GPU with the tiny target in fp32: greedy speculative output against
-   target-only for the n-gram, model, int4 and fp8 drafters (teacher-forced, near-ties counted), and
-   seeded sampled output identical to target-only (the coupled rule).
-3. cost: ms per pass over a 256-token context (new tokens 1..64, rows 1 and 8), for the lean and the
-   Hugging Face backends in bf16 and for the int4 and fp8 copies: the cost curve the scheduler reads,
-   and c, a draft step's cost over a target pass.
-4. decode: target-only greedy tokens/s through the engine (one request; eight at once) against HF
-   `generate` on the same model, the SmolLM2 shape.
+2. exact: the engine on the GPU with the tiny target in fp32 (CUDA graphs on, as by default): greedy
+   speculative output against target-only for the n-gram, model, int4 and fp8 drafters (teacher-forced,
+   near-ties counted), seeded sampled output identical to target-only (the coupled rule), and target-only
+   output with graphs against without.
+3. cost: ms per pass over a 256-token context (new tokens 1..64, rows 1 and 8), for the lean backend
+   eager and with CUDA graphs, Hugging Face eager, all bf16, and for the int4 and fp8 copies (lean, with
+   graphs): the cost curve the scheduler reads, and c, a draft step's cost over a target pass.
+4. decode: target-only greedy tokens/s through the engine (one request; eight at once), with CUDA graphs
+   and without, against HF `generate` on the same model, the SmolLM2 shape.
 
     python -m benchmarks.gpu [--models models] [--json] [--quick] [--device cuda]
 """
@@ -95,10 +96,15 @@ def exactness(device: str, quick: bool) -> dict:
         "quantized_fp8": DrafterConfig("quantized", {"quantized": QuantizedConfig("fp8")}),
     }
 
-    def engine(drafter: DrafterConfig, k: int) -> SpecEngine:
-        config = EngineConfig(target=ModelConfig(str(tiny["target"]), dtype="float32", device=device),
-                              drafter=drafter, speculation=SpeculationConfig(k=k, k_max=8, adaptive=False))
+    def engine(drafter: DrafterConfig, k: int, graphs: bool = True) -> SpecEngine:
+        target = ModelConfig(str(tiny["target"]), dtype="float32", device=device, cuda_graphs=graphs)
+        config = EngineConfig(target=target, drafter=drafter,
+                              speculation=SpeculationConfig(k=k, k_max=8, adaptive=False))
         return SpecEngine(config.validate())
+
+    def replays(e: SpecEngine) -> int | None:
+        graphs = getattr(e.target.backend, "graphs", None)
+        return None if graphs is None else graphs.replays
 
     base = engine(DrafterConfig("ngram"), 0)
     model = base.target.backend.model
@@ -108,8 +114,10 @@ def exactness(device: str, quick: bool) -> dict:
     first = base.generate(PROMPTS, greedy)
     reference = [o.token_ids for o in first]
     reference_sampled = [o.token_ids for o in base.generate(PROMPTS, sampled)]
+    eager = [o.token_ids for o in engine(DrafterConfig("ngram"), 0, graphs=False).generate(PROMPTS, greedy)]
     out = {"target_device": str(next(model.parameters()).device),
-           "target_only": {**check_outputs(model, prompt_ids, reference), "failed": failed(first)}}
+           "target_only": {**check_outputs(model, prompt_ids, reference), "failed": failed(first),
+                           "graph_replays": replays(base), "identical_without_graphs": eager == reference}}
     for name, drafter in drafters.items():
         spec = engine(drafter, 4)
         results = spec.generate(PROMPTS, greedy)
@@ -120,7 +128,7 @@ def exactness(device: str, quick: bool) -> dict:
                      "sampled_identical_to_target_only":
                          [o.token_ids for o in spec.generate(PROMPTS, sampled)] == reference_sampled,
                      "drafter_device": str(getattr(getattr(spec.drafter.drafter, "backend", None), "device", "none")),
-                     "acceptance": round(accepted / max(drafted, 1), 3)}
+                     "acceptance": round(accepted / max(drafted, 1), 3), "graph_replays": replays(spec)}
         log(f"   {name}: {out[name]}")
     return out
 
@@ -164,7 +172,8 @@ def costs(models: Path, device: str, quick: bool) -> dict:
         model, _, real = shape_model(models, name, device)
         capacity = CONTEXT + max(tokens) + 1
         rows = []
-        for backend_name, make in (("lean", lambda m: LeanBackend(m, 8, capacity)),
+        for backend_name, make in (("lean", lambda m: LeanBackend(m, 8, capacity, graphs="off")),
+                                   ("lean_graphs", lambda m: LeanBackend(m, 8, capacity)),
                                    ("hf", lambda m: HFBackend(m, 8, capacity)),
                                    ("int4_copy", lambda m: quantized_backend(m, "int4", 32, 8, capacity)),
                                    ("fp8_copy", lambda m: quantized_backend(m, "fp8", 32, 8, capacity))):
@@ -183,7 +192,7 @@ def costs(models: Path, device: str, quick: bool) -> dict:
             del backend
             torch.cuda.empty_cache() if device.startswith("cuda") else None
         one = {r["backend"]: r["ms"] for r in rows if r.get("rows") == 1 and r.get("new_tokens") == 1}
-        best = min(one.get("lean", float("inf")), one.get("hf", float("inf")))
+        best = min(one.get(k, float("inf")) for k in ("lean", "lean_graphs", "hf"))
         out[name] = {"real_weights": real, "rows": rows,
                      "c": {k: round(one[k] / best, 3) for k in ("int4_copy", "fp8_copy") if k in one}}
         del model
@@ -194,20 +203,24 @@ def decode(models: Path, device: str, quick: bool) -> dict:
     name = SHAPES[0]
     model, tokenizer, real = shape_model(models, name, device)
     max_tokens = 16 if quick else 64
-    config = EngineConfig(target=ModelConfig(str(models / name), dtype="bfloat16", device=device),
-                          speculation=SpeculationConfig(k=0))
-    config.validate(check_paths=False)
-    engine = SpecEngine(config, model=model, tokenizer=tokenizer)
     prompts = [[1 + (7 * i + j) % 1000 for j in range(32)] for i in range(8)]
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)  # random weights may say EOS early
-    engine.generate(prompts[:1], params)  # warm-up
     out = {"real_weights": real, "max_tokens": max_tokens}
-    for label, batch in (("one", prompts[:1]), ("eight", prompts)):
-        start = time.perf_counter()
-        results = engine.generate(batch, params)
-        out[f"failed_{label}"] = failed(results)
-        out[f"engine_tokens_per_s_{label}"] = round(sum(len(r.token_ids) for r in results)
-                                                    / (time.perf_counter() - start), 1)
+    for graphs in (True, False):
+        config = EngineConfig(target=ModelConfig(str(models / name), dtype="bfloat16", device=device,
+                                                 cuda_graphs=graphs), speculation=SpeculationConfig(k=0))
+        config.validate(check_paths=False)
+        engine = SpecEngine(config, model=model, tokenizer=tokenizer)
+        for batch in (prompts[:1], prompts):  # warm-up (and, with graphs, their capture)
+            engine.generate(batch, params)
+        tag = "" if graphs else "_no_graphs"
+        for label, batch in (("one", prompts[:1]), ("eight", prompts)):
+            start = time.perf_counter()
+            results = engine.generate(batch, params)
+            out[f"failed_{label}{tag}"] = failed(results)
+            out[f"engine_tokens_per_s_{label}{tag}"] = round(sum(len(r.token_ids) for r in results)
+                                                             / (time.perf_counter() - start), 1)
+        engine.shutdown()
     ids = torch.tensor(prompts[:1], device=device)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)

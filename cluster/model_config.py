@@ -19,6 +19,8 @@ class ModelConfig:
     gguf_file: str | None = None  # load a GGUF file inside `path` instead of safetensors
     backend: str = "auto"  # auto: the lean forward where it covers the model, else Hugging Face eager (logged)
     device: str = "auto"  # auto: where the worker runs (cuda if it has a GPU); or cpu, cuda, cuda:1, ...
+    # lean backend on a GPU: replay CUDA graphs of decode steps and chain verifies (cluster/models/cuda_graphs.py)
+    cuda_graphs: bool = True
     # backend offload: `path` is a flash bundle (tools/bundle_ffn.py) whose FFN streams from storage; the
     # weights held in DRAM (resident tensors, two layer buffers, the hot-neuron cache) stay within this.
     memory_budget_gb: float = 0.0

@@ -9,6 +9,8 @@ it does not cover keep the eager backend (chosen automatically, and logged).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,18 @@ from cluster.models.backend import HFBackend, PassOutput, Row, _tree
 from cluster.models.paged_cache import PagedKVCache
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class PassInputs:
+    """What a pass's device work reads, built on the host: the packed new tokens' ids, positions and KV-pool
+    slots, the attention groups, and each row's new-token count."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    write: torch.Tensor
+    groups: list
+    lengths: list[int]
 
 
 def supports(model) -> str | None:
@@ -40,10 +54,18 @@ class LeanBackend(HFBackend):
     name = "lean"
 
     def __init__(self, model: torch.nn.Module, num_slots: int, capacity: int, block_size: int = 16,
-                 num_blocks: int | None = None, num_layers: int | None = None):
-        """num_layers: run only the first layers, then the final norm and head (a layer-skip draft)."""
+                 num_blocks: int | None = None, num_layers: int | None = None, graphs: str = "auto"):
+        """num_layers: run only the first layers, then the final norm and head (a layer-skip draft).
+        graphs: "auto" replays CUDA graphs of small passes on a GPU (cluster/models/cuda_graphs.py), "off"
+        never, "padded" runs the graphs' padded passes eagerly (to test them where there is no GPU)."""
         super().__init__(model, num_slots, capacity)
-        self.cache = PagedKVCache(num_slots, capacity, block_size, num_blocks)
+        if graphs not in ("auto", "off", "padded"):
+            raise ValueError(f"graphs: {graphs!r} is not one of 'auto', 'off', 'padded'")
+        graphs = "capture" if graphs == "auto" and self.device.type == "cuda" else graphs
+        padding = graphs in ("capture", "padded")  # the graphs' padding rows get a slot of their own
+        if padding and num_blocks is not None:
+            num_blocks += -(-capacity // block_size)
+        self.cache = PagedKVCache(num_slots + padding, capacity, block_size, num_blocks)
         cfg = model.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -62,6 +84,11 @@ class LeanBackend(HFBackend):
         if self.layers and self.layers[0][1].device.type != "meta":
             _, qkv, _, o, _, gate_up, down, _ = self.layers[0]
             tune_products([qkv, o, gate_up, down, self.head.weight])  # once per dtype in a process
+        self.graphs = None
+        if padding:
+            from cluster.models.cuda_graphs import CudaGraphs
+
+            self.graphs = CudaGraphs(self, capture=graphs == "capture")
 
     def restrict_head(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Logits for token ids `ids` only, from head rows `rows` (rows[i] is token ids[i]'s); the others
@@ -84,7 +111,18 @@ class LeanBackend(HFBackend):
         """Packed, never padded: the matmuls and the LM head run over the N real new tokens of all rows,
         and attention runs once per group of rows with the same number of new tokens. A pass then costs
         what its tokens cost, whatever the mix of draft lengths (one long draft among 31 plain rows would
-        otherwise make every row as wide as it)."""
+        otherwise make every row as wide as it). On CUDA a pass whose shape has a captured graph replays
+        it (cluster/models/cuda_graphs.py): one launch instead of ~15 a layer."""
+        if self.graphs is not None:
+            out = self.graphs.forward(rows, last_only, hidden)
+            if out is not None:
+                return out
+        inputs = self._prepare(rows)
+        return self._finish(rows, inputs.lengths, self._compute(inputs), last_only, hidden)
+
+    def _prepare(self, rows: list[Row], span_blocks: int | None = None) -> PassInputs:
+        """The host's part of a pass: reserve the rows' positions and build its index tensors on the device.
+        span_blocks: attend over this many blocks a row (a graph's fixed shape), not the rows' own."""
         cache = self.cache
         lengths = [len(r.tokens) for r in rows]
         if min(lengths) < 1:
@@ -100,16 +138,22 @@ class LeanBackend(HFBackend):
             offsets.append(offsets[-1] + n)
         stack = self.n_heads // self.n_kv  # query heads per KV head: each group's mask is stacked to match
         groups = [_Group(cache, rows, starts, lengths, offsets, trees, [i for i in range(b) if lengths[i] == w], dev,
-                         stack) for w in sorted(set(lengths))]
+                         stack, span_blocks) for w in sorted(set(lengths))]
         depth = torch.cat([tree[0] if tree is not None else torch.arange(n) for tree, n in zip(trees, lengths)])
         positions = torch.tensor([s0 for s0, n in zip(starts, lengths) for _ in range(n)]) + depth
         write = torch.cat([cache.indices(r.slot, s0, s0 + n) for r, s0, n in zip(rows, starts, lengths)]).to(dev)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=dev)
-        x = self._embed(ids)  # [N, H]
-        cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0).to(dev))
+        return PassInputs(ids, positions.to(dev), write, groups, lengths)
+
+    def _compute(self, p: PassInputs) -> torch.Tensor:
+        """The device's part: the layers and the final norm over the packed new tokens -> [N, H]. Launches
+        kernels only (no host reads), so a CUDA graph can capture it."""
+        cache, dev, groups = self.cache, self.device, p.groups
+        x = self._embed(p.ids)  # [N, H]
+        cos, sin = self.rotary(x.unsqueeze(0), p.positions.unsqueeze(0))
         cos, sin = cos[0], sin[0]  # [N, D]
         cache.ensure_layers(len(self.layers), self.n_kv, self.head_dim, x.dtype, dev)
-        nq, nk, n = self.n_heads * self.head_dim, self.n_kv * self.head_dim, len(ids)
+        nq, nk, n, write = self.n_heads * self.head_dim, self.n_kv * self.head_dim, len(p.ids), p.write
         for li, (ln1, qkv_w, qkv_b, o_w, ln2, gate_up, down, g) in enumerate(self.layers):
             h = self._norm(x, ln1)
             qkv = _linear(h, qkv_w, qkv_b)
@@ -129,14 +173,22 @@ class LeanBackend(HFBackend):
                     attn[group.tokens] = group.attend(self, q[group.tokens], keys, values).reshape(-1, nq)
             x = x + _linear(attn, o_w)
             x = x + self._ffn(li, self._norm(x, ln2), gate_up, down, g)
-        out = self._norm(x, self.final_norm)  # [N, H]
+        return self._norm(x, self.final_norm)  # [N, H]
+
+    def _finish(self, rows: list[Row], lengths: list[int], out: torch.Tensor, last_only: bool,
+                hidden: bool) -> PassOutput:
+        """Count the rows' new positions and turn the final hidden states of their packed new tokens (`out`,
+        [N, H]) into the pass's output."""
+        dev = self.device
         for r, k in zip(rows, lengths):
-            cache.lengths[r.slot] += k
+            self.cache.lengths[r.slot] += k
         if last_only:
-            out = out[torch.tensor(offsets[1:], device=dev) - 1]
+            ends = torch.tensor(lengths).cumsum(0) - 1
+            out = out[ends.to(dev)]
             return PassOutput(self._head(out), hidden=out if hidden else None)
+        b, width = len(rows), max(lengths)
         pad_index = None
-        if len(groups) > 1:  # flat position (row * width + j) of each packed token
+        if len(set(lengths)) > 1:  # flat position (row * width + j) of each packed token
             pad_index = torch.tensor([i * width + j for i, k in enumerate(lengths) for j in range(k)], device=dev)
         return PassOutput(self._head(out), (b, width), pad_index,
                           _padded(out, pad_index, b, width) if hidden else None)
@@ -217,17 +269,20 @@ class _Group:
     31 ms of a 57 ms pass at 16 rows x 310 keys here. Positions past a row's end in its last block hold
     stale values and are masked."""
 
-    def __init__(self, cache, rows, starts, lengths, offsets, trees, members, dev, stack: int):
-        """stack: query heads per KV head; the mask is repeated for them here, once a pass, not a layer."""
+    def __init__(self, cache, rows, starts, lengths, offsets, trees, members, dev, stack: int,
+                 span_blocks: int | None = None):
+        """stack: query heads per KV head; the mask is repeated for them here, once a pass, not a layer.
+        span_blocks: a fixed number of blocks a row (a CUDA graph's shape), gathered whatever the rows."""
         w, bs = lengths[members[0]], cache.block_size
         self.size, self.width = len(members), w
         blocks = [-(-(starts[i] + w) // bs) for i in members]
-        nb = max(blocks)
+        nb = max(blocks) if span_blocks is None else span_blocks
         self.span = nb * bs
         self.tokens = torch.cat([torch.arange(offsets[i], offsets[i] + w) for i in members]).to(dev)
         tables = torch.tensor([cache.tables[rows[i].slot][:n] + [0] * (nb - n) for i, n in zip(members, blocks)])
         # One row whose blocks lie in order in the pool (the usual single-stream case): a slice, not a gather.
-        contiguous = len(members) == 1 and bool((tables[0] == tables[0, 0] + torch.arange(nb)).all())
+        contiguous = (span_blocks is None and len(members) == 1
+                      and bool((tables[0] == tables[0, 0] + torch.arange(nb)).all()))
         self.first = int(tables[0, 0]) * bs if contiguous else None
         self.tables = tables.reshape(-1).to(dev)
         key_pos = torch.arange(self.span).view(1, 1, -1)

@@ -71,7 +71,7 @@ def build_backend(model: torch.nn.Module, cfg: ModelConfig | None, num_slots: in
         return HFBackend(model, num_slots, capacity)
     why_not = supports(model)
     if why_not is None:
-        return LeanBackend(model, num_slots, capacity)
+        return LeanBackend(model, num_slots, capacity, graphs="auto" if cfg is None or cfg.cuda_graphs else "off")
     if choice == "lean":
         raise ValueError(f"backend: lean does not cover this model ({why_not})")
     log.warning("lean backend does not cover this model (%s): using Hugging Face eager", why_not)

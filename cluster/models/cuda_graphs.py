@@ -1,12 +1,12 @@
 """CUDA graphs for the lean backend's small passes: decode steps and chain verifies.
 
-On a GPU a small model's pass is launch-bound. Measured on an H200 (benchmarks/gpu.py, eager): a SmolLM2
-pass cost 13-15 ms whether it carried 1 or 64 new tokens, a Qwen2.5-1.5B pass 14-28 ms, where reading
-its 3.1 GB of weights takes 0.7 ms. A pass is ~15 kernels a layer, each launched from Python. A graph
-replays them all in one launch.
+On a GPU a small model's pass is launch-bound. Measured on an H200 (benchmarks/gpu.py): eagerly, a
+SmolLM2-shape pass cost 24-27 ms whether it carried 1 or 64 new tokens, a Qwen2.5-1.5B-shape pass 13-15
+ms, where reading its 3.1 GB of weights takes 0.7 ms: ~15 kernels a layer, each launched from Python. A
+graph replays them all in one launch: 2.7 and 3.6 ms a 1-token pass, the rest being the host's part.
 
 A graph replays fixed shapes at fixed addresses, so a pass is padded to one of a few shapes:
-- rows: up to the next of ROW_BUCKETS. Padding rows are a scratch slot's, emptied before each pass.
+- rows: up to the next of ROW_BUCKETS. Padding rows are a scratch slot's, emptied after each pass.
 - tokens: every row to the widest row's width. A padding token writes its key and value just past its
   row's end, where no query looks (each query sees keys up to its own position), and the row's blocks
   past its end go back to the pool after the pass.

@@ -98,8 +98,8 @@ def quantize_weight(weight: torch.Tensor, fmt: str, group: int = 32):
 def quantized_backend(source: torch.nn.Module, fmt: str, group: int, num_slots: int, capacity: int):
     """The copy's backend: lean where the lean forward covers the model (its fused q/k/v, o, gate/up, down
     and head products quantized; the bf16 copies of them freed), else Hugging Face eager over
-    `quantized_copy`. The eager forward costs ~2x the lean one a step at these sizes, on CPU and GPU alike
-    (benchmarks/gpu.py), which a draft cannot afford."""
+    `quantized_copy`. The eager forward costs 2-3x the lean one a step at these sizes on CPU, and ~8x the
+    lean one with CUDA graphs on a GPU (benchmarks/gpu.py): more than a draft can afford."""
     from cluster.models.backend import HFBackend
     from cluster.models.lean import supports
 

@@ -24,7 +24,9 @@ def model(tiny_models):
 def test_padded_passes_equal_eager_ones(model):
     eager, graphed = LeanBackend(model, 4, 96, graphs="off"), LeanBackend(model, 4, 96, graphs=MODE)
     slots = {name: [b.cache.allocate() for _ in range(3)] for name, b in (("eager", eager), ("graphed", graphed))}
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [30, 31, 32], [40, 41, 42, 43]]
+    # 14 tokens, then a decode step: the second row's 1-token verify below, padded to 5, crosses into a block
+    # of its own (16 positions a block) that only the padding uses
+    prompts = [list(range(5, 23)), list(range(30, 44)), [40, 41, 42, 43]]
     steps = [  # (tokens a row, last_only); rows of one step may differ in width (a verify of drafts)
         (prompts, False),  # the prompts: one is 18 wide, past MAX_WIDTH: eager in both
         ([[1], [2], [3]], True),  # a decode step: 3 rows -> the 4-row graph

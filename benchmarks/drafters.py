@@ -186,7 +186,8 @@ def main(argv=None) -> dict:
         reference = results["k0"]
         for name, result in results.items():
             fixed = None
-            if name in ("layerskip", "heads") or name.startswith("quantized"):  # the drafter's own acceptance, drafting every step
+            # the drafter's own acceptance, drafting every step
+            if name in ("layerskip", "heads") or name.startswith("quantized"):
                 cfg = configs[name]
                 cfg.speculation.k, cfg.speculation.adaptive = args.fixed_k, False
                 engine = SpecEngine(cfg, tokenizer=base.tokenizer, target=base.target)

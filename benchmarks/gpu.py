@@ -188,7 +188,8 @@ def costs(models: Path, device: str, quick: bool) -> dict:
             except Exception as exc:  # noqa: BLE001 - e.g. fp8 on a GPU without fp8 tensor cores
                 rows.append({"backend": backend_name, "error": f"{type(exc).__name__}: {exc}",
                              "traceback": traceback.format_exc()[-1500:]})
-            log(f"   {name} {backend_name}: {[r.get('ms', r.get('error')) for r in rows if r['backend'] == backend_name]}")
+            log(f"   {name} {backend_name}: "
+                f"{[r.get('ms', r.get('error')) for r in rows if r['backend'] == backend_name]}")
             del backend
             torch.cuda.empty_cache() if device.startswith("cuda") else None
         one = {r["backend"]: r["ms"] for r in rows if r.get("rows") == 1 and r.get("new_tokens") == 1}
@@ -253,7 +254,8 @@ def main(argv=None) -> dict:
     if args.json or not table:
         print(__import__("json").dumps(result, indent=None if args.json else 1))
     else:
-        emit({**result, "rows": [r for r in table if "ms" in r]}, False, ["shape", "backend", "rows", "new_tokens", "ms"])
+        emit({**result, "rows": [r for r in table if "ms" in r]}, False,
+             ["shape", "backend", "rows", "new_tokens", "ms"])
     return result
 
 

@@ -62,10 +62,11 @@ class LeanBackend(HFBackend):
         if graphs not in ("auto", "off", "padded"):
             raise ValueError(f"graphs: {graphs!r} is not one of 'auto', 'off', 'padded'")
         graphs = "capture" if graphs == "auto" and self.device.type == "cuda" else graphs
-        padding = graphs in ("capture", "padded")  # the graphs' padding rows get a slot of their own
-        if padding and num_blocks is not None:
-            num_blocks += -(-capacity // block_size)
-        self.cache = PagedKVCache(num_slots + padding, capacity, block_size, num_blocks)
+        padding = graphs in ("capture", "padded")
+        if padding:  # the graphs' padding rows get a slot of their own, and its blocks
+            num_slots += 1
+            num_blocks = None if num_blocks is None else num_blocks + -(-capacity // block_size)
+        self.cache = PagedKVCache(num_slots, capacity, block_size, num_blocks)
         cfg = model.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads

@@ -132,13 +132,13 @@ class QuantizedLeanBackend(LeanBackend):
     tokens (a 300-token SmolLM2 prompt took 707 ms through it, 429 ms in bf16), and the keys and values a
     prompt leaves only steer the draft, which the target verifies."""
 
-    DENSE_ABOVE = 16  # new tokens in a pass above which the shared bf16 weights run it
+    DENSE_ABOVE = 16  # new tokens in a row above which the shared bf16 weights run the pass (a prompt)
 
     quantized: tuple = ()  # (layers, head rows) with quantized products
     dense: tuple | None = None  # the target's (layers, head rows), shared
 
     def forward(self, rows, last_only: bool = False, hidden: bool = False):
-        wide = self.dense is not None and sum(len(r.tokens) for r in rows) > self.DENSE_ABOVE
+        wide = self.dense is not None and max(len(r.tokens) for r in rows) > self.DENSE_ABOVE
         self.layers, self.head_rows = self.dense if wide else self.quantized
         return super().forward(rows, last_only, hidden)
 

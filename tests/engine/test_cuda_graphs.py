@@ -69,8 +69,8 @@ def test_the_engine_on_padded_passes_is_exact(make_engine, tiny_models, model):
     base = make_engine("ngram", k=4)
     plain = make_engine("ngram", k=0)
     config = base.config
-    backend = LeanBackend(model, config.limits.max_batch_size, config.limits.max_model_len + config.speculation.k_max + 1,
-                          graphs=MODE)
+    capacity = config.limits.max_model_len + config.speculation.k_max + 1
+    backend = LeanBackend(model, config.limits.max_batch_size, capacity, graphs=MODE)
     target = TargetWorker(config.target, config.limits.max_batch_size, backend.cache.capacity, model=model,
                           backend=backend)
     engine = SpecEngine(config, tokenizer=base.tokenizer, target=target)

@@ -191,7 +191,8 @@ def costs(models: Path, device: str, quick: bool) -> dict:
             log(f"   {name} {backend_name}: "
                 f"{[r.get('ms', r.get('error')) for r in rows if r['backend'] == backend_name]}")
             del backend
-            torch.cuda.empty_cache() if device.startswith("cuda") else None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         one = {r["backend"]: r["ms"] for r in rows if r.get("rows") == 1 and r.get("new_tokens") == 1}
         best = min(one.get(k, float("inf")) for k in ("lean", "lean_graphs", "hf"))
         out[name] = {"real_weights": real, "rows": rows,
@@ -225,7 +226,8 @@ def decode(models: Path, device: str, quick: bool) -> dict:
     ids = torch.tensor(prompts[:1], device=device)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)
-        torch.cuda.synchronize() if device.startswith("cuda") else None
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         start = time.perf_counter()
         gen = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
     out["hf_generate_tokens_per_s_one"] = round((gen.shape[1] - ids.shape[1]) / (time.perf_counter() - start), 1)

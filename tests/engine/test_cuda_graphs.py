@@ -79,3 +79,18 @@ def test_the_engine_on_padded_passes_is_exact(make_engine, tiny_models, model):
     assert [o.token_ids for o in engine.generate(prompts, greedy)] == \
         [o.token_ids for o in plain.generate(prompts, greedy)]
     assert backend.graphs.replays > 0
+
+
+def test_the_gpu_benchmark_checks_what_it_claims():
+    """benchmarks/gpu.py's products and exactness parts, here on the CPU (on a GPU they run there): every
+    drafter exact and identical to target-only, and the quantized products near the CPU's."""
+    from benchmarks.gpu import main
+
+    result = main(["--device", DEVICE, "--quick", "--parts", "products", "exactness", "--json"])
+    assert all(v["int4_rel_err"] < 0.02 and v["fp8_rel_err"] < 0.02 for v in result["products"].values())
+    exactness = result["exactness"]
+    assert exactness["target_only"]["identical_without_graphs"] and exactness["target_only"]["failed"] == 0
+    for name in ("ngram", "model", "quantized_int4", "quantized_fp8"):
+        row = exactness[name]
+        assert row["exact"] and row["failed"] == 0 and row["positions"] > 0, (name, row)
+        assert row["identical_to_target_only"] and row["sampled_identical_to_target_only"], (name, row)

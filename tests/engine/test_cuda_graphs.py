@@ -81,6 +81,7 @@ def test_the_engine_on_padded_passes_is_exact(make_engine, tiny_models, model):
     assert backend.graphs.replays > 0
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_checks_what_it_claims():
     """benchmarks/gpu.py's products and exactness parts, here on the CPU (on a GPU they run there): every
     drafter exact and identical to target-only, and the quantized products near the CPU's."""

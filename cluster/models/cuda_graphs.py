@@ -82,15 +82,14 @@ class CudaGraphs:
                 _copy_inputs(static, inputs)
             graph.replay()
         self.replays += 1
-        # Only the real tokens count: the blocks past each row's new end (padding tokens') go back to the pool.
-        for r, n in zip(rows, lengths):
-            start = cache.lengths[r.slot]
-            cache.lengths[r.slot] = start + n
-            cache.truncate(r.slot, start + n)
-            cache.lengths[r.slot] = start  # _finish counts the new tokens
-        cache.truncate(self.scratch, 0)
         index = torch.tensor([i * width + j for i, n in enumerate(lengths) for j in range(n)], device=backend.device)
-        return backend._finish(rows, lengths, out.index_select(0, index), last_only, hidden)
+        result = backend._finish(rows, lengths, out.index_select(0, index), last_only, hidden)
+        # Only the real tokens count (_finish counted them): the blocks past each row's new end, which only the
+        # padding tokens wrote, go back to the pool.
+        for r in rows:
+            cache.truncate(r.slot, cache.lengths[r.slot])
+        cache.truncate(self.scratch, 0)
+        return result
 
     def _record(self, inputs) -> tuple:
         """Capture a graph of the pass over these inputs, which become its buffers."""

@@ -72,8 +72,8 @@ def quantize(weight: torch.Tensor, group: int = 32, use_native: bool | None = No
         raise ValueError(f"int4: group {group} must be 32, 64, 128 or 256 and divide in_features {inp}")
     if weight.is_cuda:
         use_native = False
-        if out % 8 or inp % 32:
-            raise ValueError(f"int4 on CUDA: a weight [{out}, {inp}] needs out % 8 == 0 and in % 32 == 0 (tinygemm)")
+        if out % 8:  # (in is a multiple of the group, so of 32)
+            raise ValueError(f"int4 on CUDA: a weight [{out}, {inp}] needs out % 8 == 0 (tinygemm)")
     elif use_native is None:
         use_native = native.int4_covers(out, inp, group)
     if use_native and out > CHUNK_ROWS:  # a few rows at a time: fp32 temporaries of a whole layer would set peak RSS

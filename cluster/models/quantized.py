@@ -56,7 +56,6 @@ class QuantizedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, fmt: str, group: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.format = fmt
         self.weight_q = quantize_weight(linear.weight, fmt, group)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(),
                                                                          requires_grad=False)
@@ -107,8 +106,7 @@ def quantized_backend(source: torch.nn.Module, fmt: str, group: int, num_slots: 
         return HFBackend(quantized_copy(source, fmt, group), num_slots, capacity)
     check(fmt, next(source.parameters()).device)
     shared = getattr(source, "_lean_layers", None)  # the target's fused weights, when it runs in this process
-    model = copy.deepcopy(source).to(torch.bfloat16)
-    model.__dict__.pop("_lean_layers", None)
+    model = _copy(source, torch.bfloat16)
     backend = QuantizedLeanBackend(model, num_slots, capacity)
     backend.layers = model._lean_layers = [
         (ln1, quantize_weight(qkv, fmt, group), bias, quantize_weight(o, fmt, group), ln2,
@@ -157,13 +155,17 @@ def quantized_copy(model: torch.nn.Module, fmt: str, group: int = 32) -> torch.n
     int8 runs in float32 on CPU; int4 and fp8 keep the source's device, in bf16."""
     check(fmt, next(model.parameters()).device)
     if fmt == "int8":
-        out = copy.deepcopy(model).float()
-        out.__dict__.pop("_lean_layers", None)  # fused views of the source's weights: not this copy's
-        return torch.ao.quantization.quantize_dynamic(out, {torch.nn.Linear}, dtype=torch.qint8)
-    out = copy.deepcopy(model).to(torch.bfloat16)
-    out.__dict__.pop("_lean_layers", None)
+        return torch.ao.quantization.quantize_dynamic(_copy(model, torch.float32), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+    out = _copy(model, torch.bfloat16)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(parent, name, QuantizedLinear(child, fmt, group))
     return out.eval()
+
+
+def _copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    out = copy.deepcopy(model).to(dtype)
+    out.__dict__.pop("_lean_layers", None)  # fused views of the source's weights: not this copy's
+    return out

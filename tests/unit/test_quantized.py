@@ -29,7 +29,8 @@ def test_a_copy_quantizes_every_linear_and_leaves_the_source_alone(fmt):
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
     # int4: half a byte a weight, a bf16 scale and zero a group of 32; fp8: a byte a weight, an fp32 scale a row
     shapes = [m.weight.shape for m in linears]
-    assert linear_bytes(copy) == sum(o * i // 2 + 4 * o * i // 32 if fmt == "int4" else o * i + 4 * o for o, i in shapes)
+    assert linear_bytes(copy) == sum(o * i // 2 + 4 * o * i // 32 if fmt == "int4" else o * i + 4 * o
+                                     for o, i in shapes)
     assert linear_bytes(source) == sum(4 * o * i for o, i in shapes)  # fp32: the source is as it was
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.inference_mode():

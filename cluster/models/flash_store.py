@@ -15,6 +15,7 @@ A bundle directory (written by `tools/bundle_ffn.py`):
 
 Reads use O_DIRECT where the filesystem takes it (no page cache at all), else pread followed by
 posix_fadvise(DONTNEED) on what was read. `resident_fraction` (mincore over the file) checks it.
+`SlowDisk` emulates a slower device under both readers (benchmarks: a disk other than this machine's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,43 @@ import torch
 
 ALIGN = 4096
 FORMAT = 1
+
+
+class SlowDisk:
+    """An emulated storage device slower than the real one: one queue, each request taking `latency_s` plus
+    its bytes at `bytes_per_s`. A reader calls `done(nbytes, started)` after each real read; the call sleeps
+    until the emulated device would have finished (the real read's own time counts inside it). Two
+    parameters fit a disk's figures at two request sizes (`fit`)."""
+
+    def __init__(self, mb_s: float, latency_us: float = 0.0, clock=time.perf_counter, sleep=time.sleep):
+        if mb_s <= 0 or latency_us < 0:
+            raise ValueError(f"SlowDisk: mb_s must be > 0 and latency_us >= 0 (got {mb_s}, {latency_us})")
+        self.bytes_per_s, self.latency_s = mb_s * 1e6, latency_us * 1e-6
+        self.clock, self.sleep = clock, sleep
+        self.free_at = 0.0  # when the emulated device finishes the requests given to it so far
+        self.waited_s = 0.0  # time readers slept for it (beyond the real reads)
+        self.requests = self.bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def fit(size_a: int, mb_s_a: float, size_b: int, mb_s_b: float) -> tuple[float, float]:
+        """(mb_s, latency_us) of the device that reads `size_a`-byte requests at mb_s_a MB/s and `size_b`-byte
+        ones at mb_s_b: time(n) = latency + n / bandwidth through both points."""
+        t_a, t_b = size_a / (mb_s_a * 1e6), size_b / (mb_s_b * 1e6)
+        bytes_per_s = (size_a - size_b) / (t_a - t_b)
+        return bytes_per_s / 1e6, (t_a - size_a / bytes_per_s) * 1e6
+
+    def done(self, nbytes: int, started: float) -> None:
+        with self._lock:
+            finish = max(started, self.free_at) + self.latency_s + nbytes / self.bytes_per_s
+            self.free_at = finish
+            self.requests += 1
+            self.bytes += nbytes
+        wait = finish - self.clock()
+        if wait > 0:
+            self.sleep(wait)
+            with self._lock:
+                self.waited_s += wait
 
 
 @dataclass(frozen=True)
@@ -107,6 +146,7 @@ class FlashReader:
         self.fd = os.open(self.path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
         self.bytes_read = 0
         self.reads = 0
+        self.disk: SlowDisk | None = None  # emulate a slower device (benchmarks)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -124,9 +164,12 @@ class FlashReader:
             pos = lo
             while pos < hi:
                 n = min(self.chunk_bytes, hi - pos)
+                started = time.perf_counter()
                 got = os.preadv(self.fd, [view[pos:pos + n]], base + pos)
                 if got <= 0:
                     raise OSError(f"{self.path}: short read at {base + pos} ({got} of {n} bytes)")
+                if self.disk is not None:
+                    self.disk.done(got, started)
                 pos += got
                 with self._lock:
                     self.bytes_read += got
@@ -146,6 +189,7 @@ class EmbeddingRows:
         span = -(-(self.row_bytes + ALIGN) // ALIGN) * ALIGN  # any row lies within this many aligned bytes
         self._buf = aligned_buffer(span)
         self.bytes_read = 0
+        self.disk: SlowDisk | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
@@ -157,9 +201,12 @@ class EmbeddingRows:
             start = token * self.row_bytes
             lo = start // ALIGN * ALIGN
             n = -(-(start + self.row_bytes - lo) // ALIGN) * ALIGN
+            started = time.perf_counter()
             got = os.preadv(self.fd, [view[:n]], lo)
             if got < start + self.row_bytes - lo:
                 raise OSError(f"{self.path}: short read of token {token}")
+            if self.disk is not None:
+                self.disk.done(got, started)
             if not self.direct:
                 os.posix_fadvise(self.fd, lo, n, os.POSIX_FADV_DONTNEED)
             self.bytes_read += got

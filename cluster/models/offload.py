@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cluster.core.cost_model import CostCurve
 from cluster.models import int4
 from cluster.models.backend import Row
-from cluster.models.flash_store import BundleLayout, EmbeddingRows, FlashReader, aligned_buffer, runs
+from cluster.models.flash_store import BundleLayout, EmbeddingRows, FlashReader, SlowDisk, aligned_buffer, runs
 from cluster.models.lean import LeanBackend
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,13 @@ class OffloadedBackend(LeanBackend):
         self.neurons.shrink(min(self.neurons.capacity, room // (lay.layers * lay.row_bytes)))
         log.info("offload backend: %.2f GB of the budget to %s, the cache now %d neurons per layer (%.2f GB)",
                  nbytes / 1e9, what, self.neurons.capacity, self.neurons.nbytes / 1e9)
+
+    def emulate_disk(self, disk: SlowDisk | None) -> None:
+        """Read through an emulated slower device from now on (both files share its one queue); None: the real one."""
+        self.settle()
+        for reader in (self.reader, self.embed_rows):
+            if reader is not None:
+                reader.disk = disk
 
     def read_layer(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s whole FFN block [I, 3, H], read from storage into a staging buffer now (for a

@@ -11,7 +11,8 @@ from cluster.config import DrafterConfig, EngineConfig, ModelConfig, Speculation
 from cluster.drafters.configs import SparseConfig
 from cluster.engine import SpecEngine
 from cluster.models.backend import Row
-from cluster.models.flash_store import ALIGN, BundleLayout, byte_ranges, drop_from_page_cache, resident_fraction, runs
+from cluster.models.flash_store import (ALIGN, BundleLayout, SlowDisk, byte_ranges, drop_from_page_cache,
+                                        resident_fraction, runs)
 from cluster.models.lean import LeanBackend
 from cluster.models.offload import OffloadedBackend, SparseDraftBackend, load_skeleton, resident_bytes
 from cluster.types import SamplingParams
@@ -142,6 +143,47 @@ def test_naive_streaming_reads_every_layer_every_pass(flash):
     for n in range(3):
         naive.forward([Row(slot, [1 + n])])
     assert naive.reader.bytes_read >= 3 * naive.layout.ffn_bytes
+
+
+def test_an_emulated_disk_queues_requests_at_its_latency_and_bandwidth():
+    now, slept = [0.0], []
+    disk = SlowDisk(mb_s=1.0, latency_us=1000.0, clock=lambda: now[0], sleep=slept.append)  # 1 byte/us, 1 ms each
+    disk.done(1000, started=0.0)  # 1 ms + 1 ms
+    assert slept == [pytest.approx(0.002)]
+    now[0] = 0.0005
+    disk.done(2000, started=0.0005)  # queued behind the first: 2 ms + 1 ms + 2 ms
+    assert slept[-1] == pytest.approx(0.005 - 0.0005)
+    now[0] = 1.0
+    disk.done(1000, started=0.999)  # idle device, a real read that itself took 1 ms: it counts inside
+    assert slept[-1] == pytest.approx(0.001)
+    now[0] = 2.0
+    disk.done(10, started=0.0)  # the real read was slower than the device: no sleep
+    assert len(slept) == 3 and (disk.requests, disk.bytes) == (4, 4010)
+    mb_s, latency_us = SlowDisk.fit(16 << 20, 756, 32 << 10, 239)  # the two figures
+    assert (16 << 20) / (mb_s * 1e6) + latency_us * 1e-6 == pytest.approx((16 << 20) / 756e6)
+    assert (32 << 10) / (mb_s * 1e6) + latency_us * 1e-6 == pytest.approx((32 << 10) / 239e6)
+    with pytest.raises(ValueError, match="mb_s"):
+        SlowDisk(0)
+
+
+def test_an_emulated_disk_sees_every_read_and_changes_no_logits(flash):
+    real, slow = _offloaded(flash, 40), _offloaded(flash, 40)
+    slept = []
+    slow.emulate_disk(SlowDisk(mb_s=1.0, latency_us=50.0, sleep=slept.append))  # far slower than any disk
+    before = slow.reader.bytes_read
+    outs = []
+    for off in (real, slow):
+        slot = off.cache.allocate()
+        outs.append([off.forward([Row(slot, toks)]).logits for toks in ([1, 2, 3], [4], [5, 6])])
+        off.settle()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    disk = slow.reader.disk
+    assert disk is slow.embed_rows.disk if slow.embed_rows else True  # one device under both files
+    embedded = slow.embed_rows.bytes_read if slow.embed_rows else 0
+    assert disk.bytes == slow.reader.bytes_read - before + embedded > 0
+    assert disk.requests >= slow.reader.reads and sum(slept) == pytest.approx(disk.waited_s)
+    assert disk.waited_s > 0.9 * disk.bytes / 1e6  # 1 MB/s: every byte was waited for (real reads are faster)
 
 
 def test_read_runs_merge_short_gaps():

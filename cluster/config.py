@@ -84,6 +84,11 @@ class SpeculationConfig:
     prior_acceptance: float = 0.5  # acceptance assumed for a request before its first verify pass
     min_gain: float = 0.03  # draft only where the cost model predicts at least this gain over plain decoding
     calibrate: bool = True  # measure the target's pass-cost curve at start (the cost model needs it)
+    # A new request's prompt rides in its first verify pass, after a draft from the prompt, instead of a
+    # pass of its own: one target pass fewer a request, its first token one draft later. Pays where a pass
+    # costs what reading the weights costs (an offloaded target); in-process and unpipelined only, and not
+    # for drafters that read the target's hidden states (they need the prefill's).
+    defer_prefill: bool = False
 
     def validate(self, key: str) -> None:
         if self.k_max < 0:
@@ -228,6 +233,13 @@ class EngineConfig:
         self.speculation.validate("speculation")
         self.limits.validate("limits")
         self.cluster.validate("cluster")
+        if self.speculation.defer_prefill:
+            from cluster.drafters.registry import DRAFTERS
+
+            readers = [k for k in self.drafter.kinds_in_use() if DRAFTERS[k].reads_hidden]
+            if readers:
+                raise ConfigError(f"speculation.defer_prefill: drafter {readers[0]!r} drafts from the hidden state "
+                                  "a prefill pass returns; deferring that pass leaves it nothing to draft from")
         if check_paths:
             check_model_dir("target", self.target)
         return self

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from cluster.config import EngineConfig
 from cluster.core.cost_model import CostCurve, CostModel
 from cluster.core.messages import StepPlan, Verdict, continuation
-from cluster.core.scheduler import Scheduler, SchedulerConfig, context
-from cluster.errors import EngineOverloadedError, InvalidRequestError
+from cluster.core.scheduler import Scheduler, SchedulerConfig, context, uncached
+from cluster.errors import ConfigError, EngineOverloadedError, InvalidRequestError
 from cluster.metrics import EngineMetrics
 from cluster.requests import OutputProcessor, RequestBuilder, Sequence, collect, longest_token_chars
 from cluster.text import TextStream
@@ -72,9 +72,14 @@ class Engine:
         from cluster.drafters.registry import DRAFTERS
 
         reads_hidden = spec.k > 0 and any(DRAFTERS[k].reads_hidden for k in config.drafter.kinds_in_use())
+        pipelining = config.cluster.pipelining if executor.overlaps else "off"
+        if spec.defer_prefill and pipelining != "off":
+            raise ConfigError("speculation.defer_prefill: needs cluster.pipelining: off (a pipelined drafter "
+                              "drafts on from the first token a prefill pass emits)")
         self.scheduler = Scheduler(SchedulerConfig(spec.k, spec.k_max, spec.adaptive, self.max_model_len,
-                                                   spec.prior_acceptance, spec.min_gain, reads_hidden), cost,
-                                   config.cluster.pipelining if executor.overlaps else "off")
+                                                   spec.prior_acceptance, spec.min_gain, reads_hidden,
+                                                   defer_prefill=spec.defer_prefill), cost,
+                                   pipelining)
         self.metrics = EngineMetrics(config.drafter.kind if spec.k > 0 else "none")
         self.timings = EngineTimings()
         self.stats = SpecStats()
@@ -200,7 +205,7 @@ class Engine:
             if seq is None or task.target not in result.verify_busy:
                 continue
             proposal = task.proposal if task.proposal is not None else result.proposals.get(task.seq_id)
-            n = 1 + (len(proposal) if proposal else 0)
+            n = uncached(seq) + (len(proposal) if proposal else 0)
             shape = shapes.setdefault(task.target, [0, 0, 0])
             shape[0], shape[1], shape[2] = shape[0] + 1, shape[1] + n, shape[2] + context(seq) + n
         return [(*shape, result.verify_busy[w]) for w, shape in shapes.items() if result.verify_busy[w] > 0]
@@ -221,8 +226,8 @@ class Engine:
                 continue  # lost with its worker: re-queued or resumed above
             if isinstance(r, Failure):
                 deltas.append(self._fail(seq, r.message))
-            elif item.resume:
-                seq.ready, seq.resume, seq.hidden = True, False, None
+            elif item.resume or item.defer:
+                seq.ready, seq.resume, seq.hidden, seq.deferred = True, False, None, item.defer
             else:
                 seq.ready, seq.hidden = True, r.hidden
                 deltas.append(self._emit(seq, [r.token], r.logprobs))
@@ -244,7 +249,7 @@ class Engine:
             if seq is None or v is None:
                 continue
             proposal = task.proposal if task.proposal is not None else result.proposals.get(task.seq_id)
-            seq.proposal = None
+            seq.proposal, seq.deferred = None, False
             if isinstance(v, Failure):
                 seq.hidden = None
                 deltas.append(self._fail(seq, v.message))
@@ -344,8 +349,9 @@ class Engine:
         verdicts = [v for v in result.verdicts.values() if isinstance(v, Verdict)]
         if verdicts and plan.predicted_tokens > len(plan.verify):
             cost.observe_tokens(plan.predicted_tokens - len(plan.verify), sum(v.accepted for v in verdicts))
-        if plan.admit:
-            cost.observe_prefill(sum(len(a.tokens) for a in plan.admit), result.prefill_s)
+        prefilled = [a for a in plan.admit if not a.defer]  # a deferred one ran no pass
+        if prefilled:
+            cost.observe_prefill(sum(len(a.tokens) for a in prefilled), result.prefill_s)
         if plan.predicted_s > 0:
             self.step_errors.append(abs(plan.predicted_s - measured) / measured)
             self.metrics.step_predicted.observe(plan.predicted_s)

@@ -44,6 +44,7 @@ class Sequence:
     drafter: str | None = None  # draft worker drafting for it
     ready: bool = False  # prefilled: its pending token is known
     resume: bool = False  # its target died: re-prefill elsewhere from the tokens emitted so far
+    deferred: bool = False  # admitted with its prefill deferred: its first verify pass feeds the prompt
     proposal: Proposal | None = None  # drafted for the next step (pipelining)
     draft_synced: int = 0  # tokens its draft worker has been sent
     last_accepted: int | None = None  # accepted nodes of its last proposal (the drafter's feedback)

@@ -164,6 +164,9 @@ class Prefill:
     seed: int
     resume: bool = False  # after a failover: tokens[-1] was already emitted; cache the rest, emit nothing
     want_hidden: bool = False  # return the last position's hidden state (drafters that read it)
+    # Hold the tokens and run no pass: the first verify pass feeds the prompt before the proposal and
+    # emits the first token (SpeculationConfig.defer_prefill).
+    defer: bool = False
 
 
 @dataclass

@@ -30,11 +30,18 @@ class SchedulerConfig:
     min_gain: float = 0.03  # speculate only where the cost model predicts at least this much gain
     want_hidden: bool = False  # drafters that read the target's hidden states (parallel heads)
     probe_every: int = 16  # plain steps in a row before a probing draft (the cost model's fresh evidence)
+    defer_prefill: bool = False  # new requests' prompts ride in their first verify pass (SpeculationConfig)
 
 
 def context(seq) -> int:
-    """Tokens in a request's target cache: all but the pending one (emitted, fed by the next pass)."""
-    return max(len(seq.tokens) - 1, 0)
+    """Tokens in a request's target cache: all but the pending one (emitted, fed by the next pass); none
+    while its prefill is deferred to its first verify pass."""
+    return 0 if seq.deferred else max(len(seq.tokens) - 1, 0)
+
+
+def uncached(seq) -> int:
+    """Tokens its next verify pass feeds before the proposal: the pending one, or a deferred prompt."""
+    return len(seq.tokens) - context(seq)
 
 
 class Scheduler:
@@ -68,7 +75,7 @@ class Scheduler:
         moved = []
         for seq in self.running:
             if seq.target == worker:
-                seq.target, seq.ready, seq.resume, seq.proposal = None, False, True, None
+                seq.target, seq.ready, seq.resume, seq.proposal, seq.deferred = None, False, True, None, False
                 moved.append(seq)
             if seq.drafter == worker:
                 seq.drafter, seq.draft_synced, seq.proposal = None, 0, None
@@ -174,6 +181,9 @@ class Scheduler:
                 return
             plan.admit.append(Prefill(seq.request_id, seq.target, list(seq.tokens), seq.num_prompt, seq.params,
                                       seq.seed, resume=True, want_hidden=self.config.want_hidden))
+        # Deferred: the drafter reads the prompt and drafts, and the target's first pass over the prompt
+        # verifies that draft too (pipelined drafting guesses from a first token this would not emit).
+        defer = self.config.defer_prefill  # (the engine refuses it with hidden-state drafters or pipelining)
         while self.waiting:
             target = self._least_loaded(self.targets)
             if target is None:
@@ -182,7 +192,7 @@ class Scheduler:
             seq.target = target
             self.running.append(seq)  # from here on it counts in its target's load
             plan.admit.append(Prefill(seq.request_id, target, list(seq.tokens), seq.num_prompt, seq.params, seq.seed,
-                                      want_hidden=self.config.want_hidden))
+                                      want_hidden=self.config.want_hidden, defer=defer))
 
     def _draft_beside_prefill(self, plan: StepPlan) -> list[DraftTask]:
         """Where drafts run on their own workers, a new request's drafter reads its prompt while the target
@@ -303,8 +313,10 @@ class Scheduler:
         plan.predicted_tokens = sum(expected_tokens(s.acceptance.rate(self.acceptance_prior), k)
                                     for s, k in zip(verified, ks))
         verify = self.cost.pass_seconds(ks, [context(s) for s in verified])
-        if plan.admit:  # a prefill is a pass over the prompts
-            verify += self.cost.prefill_seconds(len(plan.admit), sum(len(a.tokens) for a in plan.admit))
+        prefills = [len(a.tokens) for a in plan.admit if not a.defer]  # a prefill is a pass over the prompts
+        prefills += [len(s.tokens) - 1 for s in verified if s.deferred]  # or rides in the first verify pass
+        if prefills:
+            verify += self.cost.prefill_seconds(len(prefills), sum(prefills))
         now = self.cost.draft_seconds([t.budget for t in plan.draft if t.now])
         later = self.cost.draft_seconds([t.budget for t in plan.draft if not t.now])
         plan.predicted_verify_s, plan.predicted_draft_s = verify, (max(later - verify, 0.0) + now)

@@ -2,7 +2,8 @@
 
 A backend owns a model and its KV cache slots, and offers three operations:
   forward(rows)            one batched pass; each row extends its own slot by its new tokens, which may
-                           form a tree (a verify pass over a token-tree proposal);
+                           form a tree (a verify pass over a token-tree proposal); `skip` leaves a row's
+                           first new tokens without logits (a prompt fed with a proposal);
   commit(slot, start, keep) keep some of the tokens a pass wrote (rejected ones are dropped: a counter
                            move for a chain, a small copy for a tree path);
   cost(rows, tokens)       the seconds a pass of that shape takes, from a curve measured at start.
@@ -87,10 +88,13 @@ class HFBackend:
 
     # --- the three operations ----------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False) -> PassOutput:
+    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False,
+                skip: list[int] | None = None) -> PassOutput:
+        """skip[i]: row i's first new tokens whose logits (and hidden states) the output leaves out."""
         lengths = [len(r.tokens) for r in rows]
         if min(lengths) < 1:
             raise ValueError("every row needs at least one new token")
+        check_skip(lengths, skip)
         width = max(lengths)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -121,6 +125,13 @@ class HFBackend:
             self.cache.lengths[slot] += n
         if last_only:
             out = out[torch.arange(len(rows)), torch.tensor(lengths) - 1]
+        elif skip is not None:  # each row's kept positions moved to the front of a narrower grid
+            lengths = [n - s for n, s in zip(lengths, skip)]
+            width = max(lengths)
+            kept = out.new_zeros(len(rows), width, out.shape[-1])
+            for i, (s, n) in enumerate(zip(skip, lengths)):
+                kept[i, :n] = out[i, s:s + n]
+            out = kept
         logits = self.head(out).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -157,6 +168,11 @@ class HFBackend:
         self.cache.truncate(slot, 0)
         self.cache.reserve(slot, context)
         self.cache.lengths[slot] = context
+
+
+def check_skip(lengths: list[int], skip: list[int] | None) -> None:
+    if skip is not None and (len(skip) != len(lengths) or any(not 0 <= s < n for s, n in zip(skip, lengths))):
+        raise ValueError(f"skip {skip}: each row keeps at least its last new token ({lengths})")
 
 
 def measure_cost_curve(backend, set_context, contexts: tuple[int, ...] = (64, 512), repeats: int = 3,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.models import native
-from cluster.models.backend import HFBackend, PassOutput, Row, _tree
+from cluster.models.backend import HFBackend, PassOutput, Row, _tree, check_skip
 from cluster.models.paged_cache import PagedKVCache
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -108,18 +108,20 @@ class LeanBackend(HFBackend):
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False) -> PassOutput:
+    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False,
+                skip: list[int] | None = None) -> PassOutput:
         """Packed, never padded: the matmuls and the LM head run over the N real new tokens of all rows,
         and attention runs once per group of rows with the same number of new tokens. A pass then costs
         what its tokens cost, whatever the mix of draft lengths (one long draft among 31 plain rows would
         otherwise make every row as wide as it). On CUDA a pass whose shape has a captured graph replays
         it (cluster/models/cuda_graphs.py): one launch instead of ~15 a layer."""
-        if self.graphs is not None:
+        check_skip([len(r.tokens) for r in rows], skip)
+        if self.graphs is not None and skip is None:
             out = self.graphs.forward(rows, last_only, hidden)
             if out is not None:
                 return out
         inputs = self._prepare(rows)
-        return self._finish(rows, inputs.lengths, self._compute(inputs), last_only, hidden)
+        return self._finish(rows, inputs.lengths, self._compute(inputs), last_only, hidden, skip)
 
     def _prepare(self, rows: list[Row], span_blocks: int | None = None) -> PassInputs:
         """The host's part of a pass: reserve the rows' positions and build its index tensors on the device.
@@ -177,12 +179,16 @@ class LeanBackend(HFBackend):
         return self._norm(x, self.final_norm)  # [N, H]
 
     def _finish(self, rows: list[Row], lengths: list[int], out: torch.Tensor, last_only: bool,
-                hidden: bool) -> PassOutput:
+                hidden: bool, skip: list[int] | None = None) -> PassOutput:
         """Count the rows' new positions and turn the final hidden states of their packed new tokens (`out`,
-        [N, H]) into the pass's output."""
+        [N, H]) into the pass's output (without each row's first skip[i] tokens)."""
         dev = self.device
         for r, k in zip(rows, lengths):
             self.cache.lengths[r.slot] += k
+        if skip is not None and not last_only:
+            starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+            out = out[torch.tensor([a + j for a, n, s in zip(starts, lengths, skip) for j in range(s, n)], device=dev)]
+            lengths = [n - s for n, s in zip(lengths, skip)]
         if last_only:
             ends = torch.tensor(lengths).cumsum(0) - 1
             out = out[ends.to(dev)]

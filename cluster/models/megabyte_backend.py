@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.core.cost_model import CostCurve
-from cluster.models.backend import PassOutput, Row, measure_cost_curve
+from cluster.models.backend import PassOutput, Row, check_skip, measure_cost_curve
 from cluster.models.kv_cache import SlotKVCache
 from cluster.models.megabyte import MegabyteForCausalLM
 
@@ -71,12 +71,14 @@ class MegabyteBackend:
         return state
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False) -> PassOutput:
+    def forward(self, rows: list[Row], last_only: bool = False, hidden: bool = False,
+                skip: list[int] | None = None) -> PassOutput:
         if any(r.parents is not None for r in rows):
             raise ValueError("the MEGABYTE backend verifies chains only (use a chain drafter: ngram)")
         lengths = [len(r.tokens) for r in rows]
         if min(lengths) < 1:
             raise ValueError("every row needs at least one new token")
+        check_skip(lengths, skip)
         p, dev = self.config.patch_size, self.device
         wanted = []  # per row: (patch index in the local batch, position in patch) of each new token's prediction
         local_cond, local_prev, pairs, row_hidden = [], [], {}, []
@@ -108,6 +110,10 @@ class MegabyteBackend:
             index = [w[-1] for w in wanted]
             flat = logits[torch.tensor([i for i, _ in index]), torch.tensor([j for _, j in index])]
             return PassOutput(flat.float(), hidden=torch.stack([h[-1] for h in row_hidden]) if hidden else None)
+        if skip is not None:  # each row's first skip[i] predictions left out
+            wanted = [w[s:] for w, s in zip(wanted, skip)]
+            row_hidden = [h[s:] for h, s in zip(row_hidden, skip)] if hidden else row_hidden
+            lengths = [n - s for n, s in zip(lengths, skip)]
         b, width = len(rows), max(lengths)
         pick = [x for w in wanted for x in w]
         flat = logits[torch.tensor([i for i, _ in pick]), torch.tensor([j for _, j in pick])].float()

@@ -135,10 +135,10 @@ class QuantizedLeanBackend(LeanBackend):
     quantized: tuple = ()  # (layers, head rows) with quantized products
     dense: tuple | None = None  # the target's (layers, head rows), shared
 
-    def forward(self, rows, last_only: bool = False, hidden: bool = False):
+    def forward(self, rows, last_only: bool = False, hidden: bool = False, skip: list[int] | None = None):
         wide = self.dense is not None and max(len(r.tokens) for r in rows) > self.DENSE_ABOVE
         self.layers, self.head_rows = self.dense if wide else self.quantized
-        return super().forward(rows, last_only, hidden)
+        return super().forward(rows, last_only, hidden, skip)
 
 
 def check(fmt: str, device: torch.device) -> None:

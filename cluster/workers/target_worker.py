@@ -87,7 +87,9 @@ class TargetWorker:
 
     # --- calls -----------------------------------------------------------------------------------
     def prefill(self, items: list[Prefill]) -> list[Emitted | Failure]:
-        """Cache each sequence and choose its first token (nothing for resumed sequences)."""
+        """Cache each sequence and choose its first token (nothing for resumed or deferred sequences)."""
+        if all(item.defer for item in items):  # no pass: nothing to time
+            return isolated(self._prefill, items)
         return self._timed(self._prefill, items)
 
     def verify(self, items: list[VerifyTask]) -> list[Verdict | Failure]:
@@ -139,9 +141,9 @@ class TargetWorker:
             for item in items:
                 new[item.seq_id] = _TargetSeq(cache.allocate(), list(item.tokens), item.num_prompt, item.params,
                                               item.seed)
-            feeds = [item.tokens[:-1] if item.resume else item.tokens for item in items]
+            feeds = [[] if item.defer else item.tokens[:-1] if item.resume else item.tokens for item in items]
             out = [Emitted(None) for _ in items]
-            fresh = [i for i, f in enumerate(feeds) if f]  # a 1-token resume has nothing to cache
+            fresh = [i for i, f in enumerate(feeds) if f]  # a 1-token resume, or a deferred one: nothing now
             if fresh:
                 seqs = [new[items[i].seq_id] for i in fresh]
                 want_hidden = any(items[i].want_hidden for i in fresh)
@@ -192,18 +194,23 @@ class TargetWorker:
             p.validate(self.vocab_size)
         cache = self.backend.cache
         starts = [cache.lengths[s.slot] for s in seqs]
-        rows = [Row(s.slot, [s.tokens[-1]] + p.tokens, None if p.is_chain else [-1] + [q + 1 for q in p.parents])
-                for s, p in zip(seqs, proposals)]
+        # Each row feeds its uncached tokens (the pending one; a deferred prompt ending with it) and the
+        # proposal; only the pending token's position and the proposal's need logits.
+        pending = [len(s.tokens) - start for s, start in zip(seqs, starts)]
+        rows = [Row(s.slot, s.tokens[start:] + p.tokens,
+                    None if p.is_chain else list(range(-1, n - 1)) + [q + n for q in p.parents])
+                for s, start, n, p in zip(seqs, starts, pending, proposals)]
+        skip = [n - 1 for n in pending]
         want_hidden = any(item.want_hidden for item in items)
         try:
-            out = self.backend.forward(rows, hidden=want_hidden)
+            out = self.backend.forward(rows, hidden=want_hidden, skip=skip if any(skip) else None)
             verdicts, keeps = self._accept(out, seqs, proposals)
         except Exception:
             for s, start in zip(seqs, starts):
                 cache.truncate(s.slot, start)
             raise
         for row, (s, start, item, p, v, keep) in enumerate(zip(seqs, starts, items, proposals, verdicts, keeps)):
-            self.backend.commit(s.slot, start, keep)  # commit
+            self.backend.commit(s.slot, start + skip[row], keep)  # commit (the skipped prompt stays cached)
             s.tokens.extend(p.path_tokens(v.path) + [v.token])
             if item.want_hidden:
                 v.hidden = out.hidden[row, keep[-1]].cpu()

@@ -47,6 +47,27 @@ def test_lean_logits_equal_eager_for_ragged_batches_trees_and_rollback(tiny_mode
     assert (outs[1][0] - reference.float()).abs().max() < tol * 2
 
 
+def test_skipped_positions_are_left_out_and_the_rest_are_unchanged(tiny_models):
+    """A prompt fed with a proposal (a deferred prefill): `skip` drops each row's first positions' logits and
+    hidden states, and the kept ones are those of the same pass without it, trees included."""
+    rows = lambda b: [Row(b.slots[0], [5, 17, 40, 22, 7, 9, 11], [-1, 0, 1, 2, 3, 3, 5]),  # noqa: E731
+                      Row(b.slots[1], [3, 6, 2]), Row(b.slots[2], [8])]
+    skip = [3, 1, 0]
+    for backend in _pair(tiny_models):
+        outs = []
+        for s in (None, skip):
+            backend.slots = [backend.cache.allocate() for _ in range(3)]
+            outs.append(backend.forward(rows(backend), hidden=True, skip=s))
+            assert [backend.cache.lengths[x] for x in backend.slots] == [7, 3, 1]  # every token is cached
+        (full, kept) = outs
+        assert kept.logits.shape[:2] == (3, 4)
+        for i, (n, k) in enumerate(zip((7, 3, 1), skip)):
+            assert torch.allclose(kept.logits[i, : n - k], full.logits[i, k:n], atol=1e-5)
+            assert torch.allclose(kept.hidden[i, : n - k], full.hidden[i, k:n], atol=1e-5)
+        with pytest.raises(ValueError, match="skip"):
+            backend.forward([Row(backend.slots[2], [1])], skip=[1])
+
+
 def test_paged_memory_follows_lengths(tiny_models):
     _, lean = _pair(tiny_models)
     cache = lean.cache

@@ -1,6 +1,8 @@
 """The one loop (issue 9): keyed randomness makes a seeded request's tokens independent of its batch,
 its draft lengths and its drafter; token trees verify exactly; the cost model is measured."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -87,6 +89,78 @@ def test_tree_proposals_are_exact_greedy(tree_engine, make_engine):
 
 def test_tree_proposals_reproduce_seeded_sampling(tree_engine, alone):
     assert tree_engine.generate([PROMPT], SAMPLED)[0].token_ids == alone
+
+
+def _deferring(engine, drafter=None) -> SpecEngine:
+    """The same target and drafter with each prompt fed in its request's first verify pass."""
+    config = replace(engine.config, speculation=replace(engine.config.speculation, defer_prefill=True))
+    return SpecEngine(config, tokenizer=engine.tokenizer, target=engine.target,
+                      drafter=drafter or engine.drafter.drafter)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model", "tree"])
+def test_a_deferred_prefill_is_exact_and_runs_no_pass_of_its_own(make_engine, kind):
+    prompts = [PROMPT] + OTHERS
+    expected = [o.token_ids for o in make_engine("ngram", k=0).generate(prompts, SamplingParams(max_tokens=20))]
+    # The model drafter is the target itself: its first draft, from the prompt alone, is always accepted.
+    plain = make_engine("ngram" if kind == "ngram" else "model", k=4,
+                        draft="target" if kind == "model" else "draft_noisy")
+    deferring = _deferring(plain, TreeDrafter(plain.drafter.drafter) if kind == "tree" else None)
+    backend = plain.target.backend  # shared by both engines
+    fed, forward = [0], backend.forward
+
+    def counting(rows, *args, **kwargs):
+        fed[0] += sum(len(r.tokens) for r in rows)
+        return forward(rows, *args, **kwargs)
+
+    backend.forward = counting
+    prompt_tokens = sum(len(plain.tokenizer.encode(p)) for p in prompts)
+    for engine in (plain, deferring):
+        passes, fed[0] = engine.target.passes, 0
+        for prompt, want in zip(prompts, expected):  # one at a time: each pass is one request's
+            assert engine.generate([prompt], SamplingParams(max_tokens=20))[0].token_ids == want
+        engine.ran = engine.target.passes - passes
+        # Every token fed once: the prompts, then the pending token and the proposal each pass (a deferred
+        # prompt's last token is its first pass's pending one). A cache cut back too far is fed again.
+        s = engine.stats
+        assert fed[0] == prompt_tokens + s.drafted + s.steps - (len(prompts) if engine is deferring else 0)
+    assert deferring.stats.accepted > 0
+    assert deferring.ran == deferring.stats.steps  # verify passes only: the prompts rode in them
+    assert plain.ran == plain.stats.steps + len(prompts)  # a prefill pass each
+    # A first draft the target accepts saves the pass (the target drafting for itself: every request's);
+    # prompt lookup finds nothing at these prompts' ends.
+    assert {"ngram": deferring.ran == plain.ran, "model": deferring.ran == plain.ran - len(prompts),
+            "tree": deferring.ran < plain.ran}[kind], (deferring.ran, plain.ran)
+    batch = deferring.generate(prompts, SamplingParams(max_tokens=20))  # admitted together, verified together
+    assert [o.token_ids for o in batch] == expected
+
+
+def test_a_deferred_prefill_keeps_seeded_sampling(make_engine, alone):
+    engine = _deferring(make_engine("model", k=4))
+    assert engine.generate([PROMPT], SAMPLED)[0].token_ids == alone
+    batch = engine.generate([PROMPT] + OTHERS, [SAMPLED] + [SamplingParams(max_tokens=30, temperature=1.0, seed=i)
+                                                          for i in range(7)])
+    assert batch[0].token_ids == alone
+
+
+def test_a_deferred_prefill_is_refused_where_it_cannot_be_honoured(make_engine, tiny_models):
+    from types import SimpleNamespace
+
+    from cluster.config import DrafterConfig
+    from cluster.drafters.configs import HeadsConfig
+    from cluster.engine import Engine
+    from cluster.errors import ConfigError
+
+    engine = make_engine("ngram", k=4)
+    config = replace(engine.config, speculation=replace(engine.config.speculation, defer_prefill=True))
+    heads = replace(config, drafter=DrafterConfig("heads", {"heads": HeadsConfig(path="unused")}))
+    with pytest.raises(ConfigError, match="defer_prefill.*hidden state"):
+        heads.validate(check_paths=False)
+    overlapping = SimpleNamespace(overlaps=True)  # an executor that drafts beside verification (Ray's)
+    with pytest.raises(ConfigError, match="defer_prefill.*pipelining"):
+        Engine(config, overlapping, engine.tokenizer, 384, None, set(), None, False)
+    unpipelined = replace(config, cluster=replace(config.cluster, pipelining="off"))
+    Engine(unpipelined, overlapping, engine.tokenizer, 384, None, set(), None, False)  # honoured there
 
 
 @pytest.mark.slow

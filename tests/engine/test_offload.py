@@ -211,21 +211,22 @@ def test_the_sparse_draft_uses_only_cached_neurons(flash):
     assert not torch.equal(first, draft.forward([Row(d, [5, 17, 40])], last_only=True).logits)
 
 
-def _offload_engine(flash, k: int, base: SpecEngine, ffn: str = "hot") -> SpecEngine:
+def _offload_engine(flash, k: int, base: SpecEngine, ffn: str = "hot", defer: bool = False) -> SpecEngine:
     skeleton = load_skeleton(flash, torch.float32)
     budget = _budget_gb(skeleton, BundleLayout.load(flash), 48) + 1e-9
     config = EngineConfig(
         target=ModelConfig(str(flash), dtype="float32", backend="offload", memory_budget_gb=budget),
         drafter=DrafterConfig("sparse", {"sparse": SparseConfig(ffn=ffn, group=32)}),
-        speculation=SpeculationConfig(k=k, k_max=8, adaptive=False),
+        speculation=SpeculationConfig(k=k, k_max=8, adaptive=False, defer_prefill=defer),
     )
     return SpecEngine(config.validate(), tokenizer=base.tokenizer)
 
 
-@pytest.mark.parametrize("ffn", ["hot", "int4"])
-def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine, ffn):
+@pytest.mark.parametrize("ffn, defer", [("hot", False), ("int4", False), ("int4", True)])
+def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine, ffn, defer):
+    """With a deferred prefill, a prompt and its first draft share one weight pass."""
     dense = make_engine("ngram", k=0)  # the in-memory target
-    spec = _offload_engine(flash, 6, dense, ffn)
+    spec = _offload_engine(flash, 6, dense, ffn, defer)
     assert spec.target.backend.name == "offload"
     greedy = SamplingParams(max_tokens=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()

@@ -7,6 +7,8 @@ one-hot q, as does a deterministic model draft (GreedyOneHotDrafter). Settings: 
 against a rule whose residual is 5% wrong (0.95 r + 0.05 uniform over p's support) and against other
 breakages; see the README for the figures."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
@@ -89,19 +91,22 @@ def test_every_position_follows_the_target(make_engine, hf_target, kind, setting
     _check_kind(make_engine, hf_target, kind, setting, "coupled")
 
 
-@pytest.mark.parametrize("kind,setting", [("model", "t1"), ("onehot", "t1")], ids=["model-t1", "onehot-t1"])
-def test_the_rejection_rule_follows_the_target_at_every_position(make_engine, hf_target, kind, setting):
+@pytest.mark.parametrize("kind,setting,defer", [("model", "t1", False), ("onehot", "t1", False), ("model", "t1", True)],
+                         ids=["model-t1", "onehot-t1", "model-t1-deferred"])
+def test_the_rejection_rule_follows_the_target_at_every_position(make_engine, hf_target, kind, setting, defer):
     """Leviathan/Chen rejection through the engine: q read at each draft position, the draft's own keyed
-    uniforms, the residual at the first rejection, the bonus after a full accept."""
-    _check_kind(make_engine, hf_target, kind, setting, "rejection")
+    uniforms, the residual at the first rejection, the bonus after a full accept. Deferred: the prompt rides
+    in the first verify pass, so position 0 is a verified draft position too."""
+    _check_kind(make_engine, hf_target, kind, setting, "rejection", defer)
 
 
-def _check_kind(make_engine, hf_target, kind: str, setting: str, rule: str):
+def _check_kind(make_engine, hf_target, kind: str, setting: str, rule: str, defer: bool = False):
     engine = make_engine("ngram" if kind == "ngram" else "model", k=3, draft="draft_noisy", max_batch_size=64,
                          max_waiting=SAMPLES, rule=rule)
-    if kind == "onehot":
-        engine = SpecEngine(engine.config, tokenizer=engine.tokenizer, target=engine.target,
-                            drafter=GreedyOneHotDrafter(engine.drafter.drafter))
+    if kind == "onehot" or defer:
+        config = replace(engine.config, speculation=replace(engine.config.speculation, defer_prefill=defer))
+        drafter = GreedyOneHotDrafter(engine.drafter.drafter) if kind == "onehot" else engine.drafter.drafter
+        engine = SpecEngine(config, tokenizer=engine.tokenizer, target=engine.target, drafter=drafter)
     pvalues = check_positions(engine, engine.tokenizer, hf_target, SETTINGS[setting])
     assert (pvalues > ALPHA).all(), f"positions failing: {np.flatnonzero(pvalues <= ALPHA).tolist()} {pvalues}"
     by_accepted = accepted_histogram(engine.metrics, "ngram" if kind == "ngram" else "model")

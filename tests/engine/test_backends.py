@@ -59,13 +59,15 @@ def test_skipped_positions_are_left_out_and_the_rest_are_unchanged(tiny_models):
             backend.slots = [backend.cache.allocate() for _ in range(3)]
             outs.append(backend.forward(rows(backend), hidden=True, skip=s))
             assert [backend.cache.lengths[x] for x in backend.slots] == [7, 3, 1]  # every token is cached
+            for slot in backend.slots:
+                backend.cache.free(slot)
         (full, kept) = outs
         assert kept.logits.shape[:2] == (3, 4)
         for i, (n, k) in enumerate(zip((7, 3, 1), skip)):
             assert torch.allclose(kept.logits[i, : n - k], full.logits[i, k:n], atol=1e-5)
             assert torch.allclose(kept.hidden[i, : n - k], full.hidden[i, k:n], atol=1e-5)
         with pytest.raises(ValueError, match="skip"):
-            backend.forward([Row(backend.slots[2], [1])], skip=[1])
+            backend.forward([Row(backend.cache.allocate(), [1])], skip=[1])
 
 
 def test_paged_memory_follows_lengths(tiny_models):

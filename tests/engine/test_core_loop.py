@@ -52,23 +52,22 @@ class TreeDrafter(Drafter):
         self.inner = inner
 
     def propose(self, batch):
-        out = []
-        for r in batch:
-            backend = self.inner.backend
+        model, out = self.inner.backend.model, [None] * len(batch)
+        by_length: dict[int, list[int]] = {}  # requests of one length run as one batch (no padding)
+        for i, r in enumerate(batch):
+            by_length.setdefault(len(r.tokens), []).append(i)
+        for rows in by_length.values():
+            ids = torch.tensor([batch[i].tokens for i in rows])
             with torch.inference_mode():
-                ids = torch.tensor([r.tokens])
-                logits = backend.model(ids).logits[0, -1]
-            firsts = logits.topk(2).indices.tolist()
-            tokens, parents = [], []
-            for first in firsts:
-                tokens.append(first)
-                parents.append(-1)
-                root = len(tokens) - 1
-                with torch.inference_mode():
-                    nxt = int(backend.model(torch.tensor([r.tokens + [first]])).logits[0, -1].argmax())
-                tokens.append(nxt)
-                parents.append(root)
-            out.append(Proposal(tokens[: r.budget], parents[: r.budget]))
+                firsts = model(ids).logits[:, -1].topk(2).indices  # [G, 2]
+                longer = torch.cat([ids.repeat_interleave(2, 0), firsts.reshape(-1, 1)], 1)
+                nexts = model(longer).logits[:, -1].argmax(-1).view(-1, 2)
+            for g, i in enumerate(rows):
+                tokens, parents = [], []
+                for first, nxt in zip(firsts[g].tolist(), nexts[g].tolist()):
+                    tokens += [first, nxt]
+                    parents += [-1, len(tokens) - 2]  # the second token's parent: the first
+                out[i] = Proposal(tokens[: batch[i].budget], parents[: batch[i].budget])
         return out
 
 

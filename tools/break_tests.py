@@ -57,8 +57,8 @@ BREAKAGES = [
               "[model-t1]",)),
     Breakage("shared-draft-rng", "the draft samples x ~ q with the target's acceptance uniform (same key)",
              "cluster/sampling/acceptance.py",
-             "    return keyed_choice(q, seed, position, rule, keyed.DRAFT)\n",
-             "    return keyed_choice(q, seed, position, rule, keyed.ACCEPT)\n",
+             "    return keyed_choices(q, seeds, positions, rule, keyed.DRAFT)\n",
+             "    return keyed_choices(q, seeds, positions, rule, keyed.ACCEPT)\n",
              ("tests/unit/test_tree_rules.py::test_drafter_and_target_draws_composed_through_their_real_keys_keep_p"
               "[rejection]",)),
     Breakage("no-pipelining", "the router never pipelines", "cluster/core/scheduler.py",

@@ -26,15 +26,12 @@ class SparseQ:
 
     @staticmethod
     def truncate(q):
-        """(dense row, ids, fp16 weights) of a dense q row [V]: the dense row is the distribution to sample
-        from, and exactly what indexing the shipped form gives back."""
-        import torch
-
+        """(dense rows [R, V], [(ids, fp16 weights)] per row) of dense q rows [R, V]: a dense row is the
+        distribution to sample from, and what indexing the shipped form gives back."""
         top = q.float().topk(min(SparseQ.SUPPORT, q.shape[-1]))
-        keep = int((top.values.cumsum(0) < SparseQ.MASS).sum()) + 1  # the smallest prefix reaching MASS
-        ids, weights = top.indices[:keep], top.values[:keep].half()
-        dense = SparseQ.stack([(ids, weights)], q.shape[-1])[0]
-        return dense.to(q.device), ids, weights
+        keep = ((top.values.cumsum(-1) < SparseQ.MASS).sum(-1) + 1).tolist()  # the smallest prefix reaching MASS
+        rows = [(top.indices[r, :k], top.values[r, :k].half()) for r, k in enumerate(keep)]
+        return SparseQ.stack(rows, q.shape[-1])[:].to(q.device), rows
 
     @staticmethod
     def stack(rows: list[tuple], vocab: int) -> SparseQ:

@@ -12,7 +12,7 @@ import torch
 
 from cluster.core.messages import Proposal, SparseQ
 from cluster.drafters.base import DraftRequest
-from cluster.sampling.acceptance import draft_choice
+from cluster.sampling.acceptance import draft_choices
 from cluster.sampling.logits import SamplingTensors, TokenHistory, probs_from_logits
 
 
@@ -43,15 +43,19 @@ def draft_chains(batch: list[DraftRequest], budgets: list[int],
         if history is not None:
             adjusted = history.apply(adjusted, idx)
         q = probs_from_logits(adjusted, sub)
-        chosen = []
-        for row, i in enumerate(active):
-            if keep_q[i]:  # the rejection rule ships q: sample from its compact form, exactly what travels
-                dense, ids, probs = SparseQ.truncate(q[row])
-                q_rows[i].append((ids, probs))
-                chosen.append(_sample(dense, batch[i], step, rule))
-            else:
-                chosen.append(_sample(q[row], batch[i], step, rule))
-        tokens = torch.tensor(chosen, device=device)
+        tokens = q.argmax(-1)  # greedy rows
+        shipping = [row for row, i in enumerate(active) if keep_q[i]]
+        if shipping:  # the rejection rule ships q: sample from its compact form, what travels
+            dense, shipped = SparseQ.truncate(q[shipping])
+            q = q.index_copy(0, torch.tensor(shipping, device=device), dense.to(q.dtype))
+            for row, compact in zip(shipping, shipped):
+                q_rows[active[row]].append(compact)
+        sampled = [row for row, i in enumerate(active) if not batch[i].params.greedy]
+        if sampled:  # each row's own keyed draw (a greedy row takes the argmax)
+            rows = [batch[active[row]] for row in sampled]
+            tokens[sampled] = draft_choices(q[sampled], [r.seed for r in rows], [r.position + step for r in rows],
+                                            rule).to(tokens.device)
+        chosen = tokens.tolist()
         if history is not None:
             history.advance(tokens, idx)
         for i, token in zip(active, chosen):
@@ -65,10 +69,3 @@ def draft_chains(batch: list[DraftRequest], budgets: list[int],
     return [Proposal.chain(d, SparseQ.stack(q_rows[i], vocab) if keep_q[i] and d else None)
             for i, d in enumerate(drafts)]
 
-
-def _sample(q: torch.Tensor, req: DraftRequest, step: int, rule: str) -> int:
-    """Greedy: the argmax. Coupled: the race with the target's noise. Rejection: a draw from q with the
-    request's own keyed uniform (independent of the target's)."""
-    if req.params.greedy:
-        return int(q.argmax())
-    return draft_choice(q, req.seed, req.position + step, rule)

@@ -116,17 +116,25 @@ def recursive_rejection(p: torch.Tensor, candidates: list[tuple[int, torch.Tenso
     return -1, int(sample_from(r.unsqueeze(0), torch.tensor([u_residual], dtype=r.dtype))[0])
 
 
-def keyed_choice(probs: torch.Tensor, seed: int, position: int, rule: str, purpose: int) -> int:
-    """One sampled token from probs [V] at an output position. coupled: the race with the noise the target
-    and every drafter share, so their choices agree as often as possible. rejection: inverse-CDF with the
-    uniform keyed by `purpose` (a drafter's DRAFT, the target's RESIDUAL), independent of the acceptance
-    uniforms (a draft drawn with those would bias what is accepted)."""
+def keyed_choices(probs: torch.Tensor, seeds: list[int], positions: list[int], rule: str,
+                  purpose: int) -> torch.Tensor:
+    """One sampled token per row of probs [R, V], row r at output position positions[r] of a request seeded
+    seeds[r] (the draws are the rows' own: batching changes nothing). coupled: the race with the noise the
+    target and every drafter share, so their choices agree as often as possible. rejection: inverse-CDF
+    with the uniform keyed by `purpose` (a drafter's DRAFT, the target's RESIDUAL), independent of the
+    acceptance uniforms (a draft drawn with those would bias what is accepted)."""
     if rule == "coupled":
-        return int(coupled_choice(probs, keyed.race_noise(seed, position, probs.shape[-1])))
-    u = torch.tensor([keyed.uniform(seed, position, purpose)], dtype=torch.float64)
-    return int(sample_from(probs.double().unsqueeze(0), u)[0])
+        noise = torch.stack([keyed.race_noise(s, p, probs.shape[-1]) for s, p in zip(seeds, positions)])
+        return coupled_choice(probs, noise)
+    u = torch.tensor([keyed.uniform(s, p, purpose) for s, p in zip(seeds, positions)], dtype=torch.float64)
+    return sample_from(probs.double(), u)
 
 
-def draft_choice(q: torch.Tensor, seed: int, position: int, rule: str) -> int:
-    """A sampling drafter's token: keyed by the drafter's own purpose, never the target's."""
-    return keyed_choice(q, seed, position, rule, keyed.DRAFT)
+def keyed_choice(probs: torch.Tensor, seed: int, position: int, rule: str, purpose: int) -> int:
+    """keyed_choices for one row, probs [V]."""
+    return int(keyed_choices(probs.unsqueeze(0), [seed], [position], rule, purpose)[0])
+
+
+def draft_choices(q: torch.Tensor, seeds: list[int], positions: list[int], rule: str) -> torch.Tensor:
+    """A sampling drafter's tokens, q [R, V]: keyed by the drafter's own purpose, never the target's."""
+    return keyed_choices(q, seeds, positions, rule, keyed.DRAFT)

@@ -78,15 +78,18 @@ def test_sparse_q_is_exactly_what_the_drafter_samples_from_and_small():
 
     g = torch.Generator().manual_seed(0)
     rows, dense_rows = [], []
-    for temperature in (0.3, 1.0, 3.0, 1.0, 0.5, 2.0, 1.0, 0.1):
-        q = torch.softmax(torch.randn(151936, generator=g) / temperature, -1)
-        dense, ids, weights = SparseQ.truncate(q)
+    qs = torch.stack([torch.softmax(torch.randn(151936, generator=g) / t, -1) for t in (0.3, 1.0, 3.0, 1.0, 0.5, 2.0,
+                                                                                        1.0, 0.1)])
+    for q in qs:  # one row at a time
+        (dense,), ((ids, weights),) = SparseQ.truncate(q.unsqueeze(0))
         assert abs(float(dense.sum()) - 1) < 1e-5 and (dense > 0).sum() == len(ids) <= SparseQ.SUPPORT
         assert float(q[ids].sum()) >= SparseQ.MASS or len(ids) == SparseQ.SUPPORT
         rows.append((ids, weights))
         dense_rows.append(dense)
     shipped = SparseQ.stack(rows, 151936)
     assert torch.equal(shipped[0:8], torch.stack(dense_rows)) and torch.equal(shipped[3], dense_rows[3])
+    together, compact = SparseQ.truncate(qs)  # as a drafter's batch does: the same rows, the same supports
+    assert torch.equal(together, shipped[0:8]) and all(torch.equal(a[0], b[0]) for a, b in zip(compact, rows))
     proposal = Proposal.chain(list(range(8)), shipped)
     assert len(pickle.dumps(proposal)) < 2048
     assert torch.equal(proposal.truncated(3).q[0:3], shipped[0:3])

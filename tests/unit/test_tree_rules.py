@@ -111,12 +111,12 @@ def test_flat_verify_metadata():
 
 @pytest.mark.parametrize("rule", ["rejection", "coupled"])
 def test_drafter_and_target_draws_composed_through_their_real_keys_keep_p(rule):
-    """The drafter's keyed draw (draft_choice, at DraftRequest.position) then the target's keyed
+    """The drafter's keyed draw (draft_choices, at DraftRequest.position) then the target's keyed
     acceptance (at _TargetSeq.position), over many seeds: the first emitted token follows p. With
     q = (.5, .5) and p = (.25, .75) a draft that reused the acceptance uniform would emit token 0 half
     the time (it is drawn when u < .5 and then always accepted)."""
     from cluster.drafters.base import DraftRequest
-    from cluster.sampling.acceptance import draft_choice
+    from cluster.sampling.acceptance import draft_choices
     from cluster.types import SamplingParams
     from cluster.workers.target_worker import _TargetSeq, accept_coupled, accept_rejection
 
@@ -128,7 +128,7 @@ def test_drafter_and_target_draws_composed_through_their_real_keys_keep_p(rule):
     tokens, kept = [], 0
     for seed in range(4000):
         request = DraftRequest("r", [7, 8, 9], 1, params, seed, num_prompt=2)
-        x = draft_choice(q, seed, request.position, rule)
+        x = int(draft_choices(q.unsqueeze(0), [seed], [request.position], rule)[0])
         seq = _TargetSeq(0, [7, 8, 9], 2, params, seed)
         path, nxt = accept(probs, [seq], [Proposal.chain([x], q.unsqueeze(0))])[0]
         tokens.append(x if path else nxt)

@@ -12,13 +12,14 @@ Modes, each in its own process (so each one's peak RSS is its own):
   offload_spec_hot  the same with the sparse hot-neuron draft (the FFN over the cached neurons only, bf16)
   offload_small_draft  the same target with Qwen2.5-Coder-0.5B as the draft, inside the same budget
   offload_spec_own_prefill  offload_spec with each prompt read in a weight pass of its own (not by default)
+  dense         the in-memory model (no budget): the reference every mode's output is checked against
 The speculative modes defer each prefill into the request's first verify pass (speculation.defer_prefill:
 the prompt and the first draft share one weight pass); --no-defer-prefill turns that off for all of them.
-  dense         the in-memory model (no budget): the reference every mode's output is checked against
 The two modes without speculation take seconds per token, so they time the first --slow-prompts prompts;
 the others run all of them. --disk-mb-s (and --disk-latency-us) emulate a slower storage device under
 every mode alike: each read takes latency + bytes / bandwidth on one queue (SlowDisk). The issue's disk,
-756 MB/s in 16 MiB reads and 239 MB/s in 32 KiB reads, is --disk-mb-s 759 --disk-latency-us 94. `exact`: every output is the dense model's greedy argmax at every position
+756 MB/s in 16 MiB reads and 239 MB/s in 32 KiB reads, is --disk-mb-s 759 --disk-latency-us 94.
+`exact`: every output is the dense model's greedy argmax at every position
 (teacher-forced, bf16 near-ties counted, as in benchmarks/exactness.py), and the token streams are
 compared with the dense model's own greedy outputs.
 """
@@ -141,7 +142,8 @@ def run_mode(args) -> dict:
         log(f"  {mode}: prompt {i + 1}/{len(prompts)}, {done} tokens, {done / (time.perf_counter() - start):.2f} tok/s")
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
-    row = {"mode": args.run_mode, "defer_prefill": defer, "prompts": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
+    row = {"mode": args.run_mode, "defer_prefill": defer, "prompts": len(prompts), "tokens": tokens,
+           "seconds": round(seconds, 2),
            "tokens_per_s": round(tokens / seconds, 3), "load_s": round(load_s, 1),
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
            "k": k, "verify_passes": passes, "drafted": drafted, "accepted": accepted,
@@ -313,7 +315,8 @@ def main(argv=None) -> dict:
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
     from benchmarks.report import emit
 
-    cols = ["mode", "defer_prefill", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass", "acceptance", "draft_share",
+    cols = ["mode", "defer_prefill", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass", "acceptance",
+            "draft_share",
             "bytes_read_per_token", "read_gb_per_s", "io_wait_share", "disk_sleep_share", "held_gb", "budget_gb",
             "peak_rss_gb", "cached_neurons", "near_ties", "mismatches", "identical_to_dense"]
     if not args.json:

@@ -314,7 +314,7 @@ class Scheduler:
                                     for s, k in zip(verified, ks))
         verify = self.cost.pass_seconds(ks, [context(s) for s in verified])
         prefills = [len(a.tokens) for a in plan.admit if not a.defer]  # a prefill is a pass over the prompts
-        prefills += [len(s.tokens) - 1 for s in verified if s.deferred]  # or rides in the first verify pass
+        prefills += [uncached(s) - 1 for s in verified if s.deferred]  # or rides in the first verify pass
         if prefills:
             verify += self.cost.prefill_seconds(len(prefills), sum(prefills))
         now = self.cost.draft_seconds([t.budget for t in plan.draft if t.now])

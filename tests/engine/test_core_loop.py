@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.core.messages import Proposal
-from cluster.drafters.base import Drafter, DraftRequest
+from cluster.drafters.base import Drafter
 from cluster.engine import SpecEngine
 from cluster.types import SamplingParams
 from tests.engine.test_sampling_positions import check_positions

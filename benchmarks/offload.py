@@ -12,9 +12,13 @@ Modes, each in its own process (so each one's peak RSS is its own):
   offload_spec_hot  the same with the sparse hot-neuron draft (the FFN over the cached neurons only, bf16)
   offload_small_draft  the same target with Qwen2.5-Coder-0.5B as the draft, inside the same budget
   offload_spec_own_prefill  offload_spec with each prompt read in a weight pass of its own (not by default)
+  offload_spec_serial  offload_spec drafting only between passes, never beside one (not by default)
   dense         the in-memory model (no budget): the reference every mode's output is checked against
 The speculative modes defer each prefill into the request's first verify pass (speculation.defer_prefill:
 the prompt and the first draft share one weight pass); --no-defer-prefill turns that off for all of them.
+They draft beside the verify (cluster.pipelining continue: while the target streams its weights, a thread
+drafts on from the proposal under verification; it is used when all of it is accepted and the guess of
+the next token is right); --pipelining off drafts only between passes.
 The two modes without speculation take seconds per token, so they time the first --slow-prompts prompts;
 the others run all of them. --disk-mb-s (and --disk-latency-us) emulate a slower storage device under
 every mode alike: each read takes latency + bytes / bandwidth on one queue (SlowDisk). The issue's disk,
@@ -39,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Path(__file__).with_name("workloads") / "code.jsonl"
 MODES = ("naive", "offload", "offload_spec", "offload_spec_hot", "offload_small_draft")
-EXTRA_MODES = ("offload_spec_own_prefill",)
+EXTRA_MODES = ("offload_spec_own_prefill", "offload_spec_serial")
 
 
 def log(message: str) -> None:
@@ -84,8 +88,8 @@ def run_mode(args) -> dict:
 
     torch.set_num_threads(2)
     mode, bundle = args.run_mode, Path(args.bundle)
-    own_prefill = mode == "offload_spec_own_prefill"
-    mode = "offload_spec" if own_prefill else mode
+    own_prefill, serial = mode == "offload_spec_own_prefill", mode == "offload_spec_serial"
+    mode = "offload_spec" if own_prefill or serial else mode
     prompts = code_prompts(args.prompts)
     if mode in ("naive", "offload"):
         prompts = prompts[: args.slow_prompts]
@@ -114,6 +118,7 @@ def run_mode(args) -> dict:
     defer = args.defer_prefill and k > 0 and not own_prefill
     config = EngineConfig(target=target, drafter=drafter, speculation=SpeculationConfig(
         k=k, k_max=max(args.k_max if adaptive else k, 1), adaptive=adaptive, defer_prefill=defer))
+    config.cluster.pipelining = args.pipelining if k > 0 and not serial else "off"
     config.limits.max_batch_size = 1
     config.limits.max_model_len = 1024
     start = time.perf_counter()
@@ -142,13 +147,16 @@ def run_mode(args) -> dict:
         log(f"  {mode}: prompt {i + 1}/{len(prompts)}, {done} tokens, {done / (time.perf_counter() - start):.2f} tok/s")
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
-    row = {"mode": args.run_mode, "defer_prefill": defer, "prompts": len(prompts), "tokens": tokens,
+    row = {"mode": args.run_mode, "defer_prefill": defer, "pipelining": config.cluster.pipelining,
+           "prompts": len(prompts), "tokens": tokens,
            "seconds": round(seconds, 2),
            "tokens_per_s": round(tokens / seconds, 3), "load_s": round(load_s, 1),
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
            "k": k, "verify_passes": passes, "drafted": drafted, "accepted": accepted,
            "tokens_per_pass": round(tokens / max(passes, 1), 2), "accepted_per_pass": round(accepted / max(passes, 1), 2),
            "acceptance": round(accepted / max(drafted, 1), 3),
+           "continued_used": int(engine.metrics.value("specdec_continued_drafts_total", outcome="used")),
+           "continued_dropped": int(engine.metrics.value("specdec_continued_drafts_total", outcome="dropped")),
            **{k.replace("_s", "_share"): round((getattr(engine.timings, k) - v) / seconds, 3) for k, v in t0.items()},
            "outputs": outputs}
     if mode != "dense":
@@ -230,7 +238,7 @@ def spawn(args, mode: str) -> dict:
         "--confidence", str(args.confidence), "--k-others", str(args.k_others), "--confidence-others",
         str(args.confidence_others), "--group", str(args.group), "--k-max", str(args.k_max),
         "--disk-mb-s", str(args.disk_mb_s), "--disk-latency-us", str(args.disk_latency_us),
-        *([] if args.defer_prefill else ["--no-defer-prefill"]),
+        *([] if args.defer_prefill else ["--no-defer-prefill"]), "--pipelining", args.pipelining,
         *(["--adaptive"] if args.adaptive else [])])
 
 
@@ -256,6 +264,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--disk-latency-us", type=float, default=0.0, help="the emulated device's time per request")
     parser.add_argument("--no-defer-prefill", dest="defer_prefill", action="store_false",
                         help="read each prompt in a weight pass of its own (speculation.defer_prefill off)")
+    parser.add_argument("--pipelining", choices=("continue", "off"), default="continue",
+                        help="the speculative modes draft beside the verify (continue) or only between passes")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + EXTRA_MODES)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save-outputs", help="write every mode's token ids here (JSON)")
@@ -303,20 +313,22 @@ def main(argv=None) -> dict:
         "exact": all(checks[m]["mismatches"] == 0 for m in checks),
         "k": args.k, "adaptive": args.adaptive, "confidence_threshold": args.confidence, "group": args.group,
         "k_others": args.k_others, "confidence_threshold_others": args.confidence_others,
-        "defer_prefill": args.defer_prefill,
+        "defer_prefill": args.defer_prefill, "pipelining": args.pipelining,
         "disk": ({"emulated": True, "mb_s": args.disk_mb_s, "latency_us": args.disk_latency_us} if args.disk_mb_s
                  else {"emulated": False}),
         "rows": rows,
     }
-    if "offload_spec_own_prefill" in by:
-        result["tokens_per_s_offload_spec_own_prefill"] = by["offload_spec_own_prefill"]["tokens_per_s"]
-    for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft", "offload_spec_own_prefill"):
+    for extra in EXTRA_MODES:
+        if extra in by:
+            result[f"tokens_per_s_{extra}"] = by[extra]["tokens_per_s"]
+    for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft") + EXTRA_MODES:
         if naive and result.get(f"tokens_per_s_{key}"):
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
     from benchmarks.report import emit
 
-    cols = ["mode", "defer_prefill", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass", "acceptance",
-            "draft_share",
+    cols = ["mode", "defer_prefill", "pipelining", "tokens", "tokens_per_s", "tokens_per_pass", "accepted_per_pass",
+            "acceptance",
+            "draft_share", "continued_used", "continued_dropped",
             "bytes_read_per_token", "read_gb_per_s", "io_wait_share", "disk_sleep_share", "held_gb", "budget_gb",
             "peak_rss_gb", "cached_neurons", "near_ties", "mismatches", "identical_to_dense"]
     if not args.json:

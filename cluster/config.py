@@ -198,7 +198,9 @@ class ClusterConfig:
     target_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"target_node": 1}))
     draft_pool: PoolConfig = field(default_factory=lambda: PoolConfig(resources={"draft_node": 1}))
     # Draft one group while the target verifies the other. auto: when the cost model predicts more tokens/s;
-    # always: every step that has two groups (tests and benchmarks that must exercise the overlap); off.
+    # split / continue: every step (continue: each verified request's drafter drafts on from its proposal);
+    # off. In one process (the local engine) drafting runs beside the verify on a thread only under split or
+    # continue: there the two share the CPU, which pays where the verify waits on storage (an offloaded target).
     pipelining: str = "auto"
     draft_timeout_s: float = 30.0  # a draft later than this is dropped: that step runs without drafts
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: off

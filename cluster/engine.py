@@ -73,9 +73,6 @@ class Engine:
 
         reads_hidden = spec.k > 0 and any(DRAFTERS[k].reads_hidden for k in config.drafter.kinds_in_use())
         pipelining = config.cluster.pipelining if executor.overlaps else "off"
-        if spec.defer_prefill and pipelining != "off":
-            raise ConfigError("speculation.defer_prefill: needs cluster.pipelining: off (a pipelined drafter "
-                              "drafts on from the first token a prefill pass emits)")
         self.scheduler = Scheduler(SchedulerConfig(spec.k, spec.k_max, spec.adaptive, self.max_model_len,
                                                    spec.prior_acceptance, spec.min_gain, reads_hidden,
                                                    defer_prefill=spec.defer_prefill), cost,
@@ -411,7 +408,11 @@ class SpecEngine(Engine):
         # nothing pipelines). A fixed K needs no curve, and the grid costs seconds per engine.
         curve = target.calibrate() if spec.calibrate and spec.k > 0 and spec.adaptive else None
         sequential = self.drafter is not None and DRAFTERS[config.drafter.kind].model_based
-        super().__init__(config, LocalExecutor(target, self.drafter, limits.max_batch_size), tokenizer,
+        # In one process the draft and the target share the CPU: drafting beside the verify pays only where the
+        # verify waits on something else (storage), so it runs only when pipelining is set to split or continue.
+        overlap = config.cluster.pipelining in ("split", "continue")
+        executor = LocalExecutor(target, self.drafter, limits.max_batch_size, overlap=overlap)
+        super().__init__(config, executor, tokenizer,
                          target.vocab_size, target.max_context, set(target.eos_ids), curve, sequential)
         if hasattr(target.backend, "reader"):  # an offloaded target: what it reads is part of the story
             self.metrics.watch_storage(target.backend)

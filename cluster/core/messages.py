@@ -186,6 +186,9 @@ class DraftTask:
     # end with it): node 0 guesses the target's next token; the rest is usable only if all of the
     # proposal is accepted and the guess is right (see `continuation`).
     continues: bool = False
+    # A continuation of the draft this step makes now (the request held none): its new_tokens end where
+    # that draft begins, and the executor appends the draft's tokens once it has them.
+    after_draft: bool = False
 
     @property
     def reads_prompt(self) -> bool:

@@ -122,9 +122,16 @@ class Scheduler:
         if mode == "continue":
             budgets = self._continue_budgets(decode, budgets)
             # Everyone is verified: with the proposal it holds, the one on its way, or none (one token, a
-            # row a memory-bound pass carries for free); and drafts on from there for the next step.
-            self._verify(plan, held + coming + fresh, budgets, now=[])
-            plan.draft += [t for t in (self._continue_task(s, budgets[s.request_id]) for s in held + fresh) if t]
+            # row a memory-bound pass carries for free; the cost model rates that, _pipeline_rates); and
+            # drafts on from there for the next step. A request drafts now instead where its prompt rides in
+            # this pass (deferred), or, with a fixed K (K drafted tokens asked of every pass), where the pass
+            # would carry no proposal at all (nothing held or coming: a lone request's pass is all its own).
+            # It then drafts on from that draft, beside the verify.
+            fixed = self.cost is None or not self.config.adaptive
+            now = [s for s in fresh if budgets[s.request_id] > 0 and (s.deferred or fixed and not (held or coming))]
+            self._verify(plan, held + coming + fresh, budgets, now=now)
+            plan.draft += [t for t in (self._continue_task(s, budgets[s.request_id], s in now) for s in held + fresh)
+                           if t]
             plan.pipelined = True
         elif mode == "split":
             # Verify those whose drafts exist or are on their way; with none, half the fresh ones draft now.
@@ -183,7 +190,7 @@ class Scheduler:
                                       seq.seed, resume=True, want_hidden=self.config.want_hidden))
         # Deferred: the drafter reads the prompt and drafts, and the target's first pass over the prompt
         # verifies that draft too (pipelined drafting guesses from a first token this would not emit).
-        defer = self.config.defer_prefill  # (the engine refuses it with hidden-state drafters or pipelining)
+        defer = self.config.defer_prefill  # (the engine refuses it with hidden-state drafters)
         while self.waiting:
             target = self._least_loaded(self.targets)
             if target is None:
@@ -198,8 +205,8 @@ class Scheduler:
         """Where drafts run on their own workers, a new request's drafter reads its prompt while the target
         prefills it (not in its first decode step, in series with the verify), and drafts on from it:
         node 0 guesses the target's first token, so the request may hold a proposal for its first verify."""
-        if self.pipelining == "off" or self.config.k == 0:
-            return []
+        if self.pipelining == "off" or self.config.k == 0 or self.config.defer_prefill:
+            return []  # (deferred: no prefill pass to draft beside; the first verify takes a draft made now)
         new = {a.seq_id for a in plan.admit if not a.resume}
         tasks = (self._continue_task(s, self.config.k) for s in self.running if s.request_id in new and s.drafter)
         return [t for t in tasks if t is not None]
@@ -215,21 +222,24 @@ class Scheduler:
         return DraftTask(seq.request_id, seq.drafter, seq.draft_synced, seq.tokens[seq.draft_synced:], budget,
                          seq.params, seq.seed, seq.num_prompt, now, seq.last_accepted, seq.hidden)
 
-    def _continue_task(self, seq, budget: int) -> DraftTask | None:
+    def _continue_task(self, seq, budget: int, after_draft: bool = False) -> DraftTask | None:
         """While a request is verified, its drafter drafts on from the end of the proposal it holds (or from
-        its tokens, when it holds none): node 0 guesses the target's next token. If all of the proposal is
-        accepted and the guess is right, the request holds its next proposal when this step ends, so the
-        drafter works while the target verifies, for the whole batch."""
+        its tokens, when it holds none; or, after_draft, from the draft it makes now, whose tokens the
+        executor appends): node 0 guesses the target's next token. If all of the proposal is accepted and
+        the guess is right, the request holds its next proposal when this step ends, so the drafter works
+        while the target verifies, for the whole batch."""
         p = seq.proposal
         if budget <= 0 or (p is not None and not p.is_chain) or self.config.want_hidden:
             return None
         drafted = p.tokens if p is not None else []
-        budget = min(budget, self.cap(seq, ahead=len(drafted) + 1))
+        ahead = budget if after_draft else len(drafted)  # a draft made now is at most `budget` long
+        budget = min(budget, self.cap(seq, ahead=ahead + 1))
         if budget <= 0:
             return None
         # The proposal's tokens ride along; feedback and hidden state belong to the verify not yet known.
         task = self._draft_task(seq, budget + 1, now=False)
-        return replace(task, new_tokens=task.new_tokens + drafted, last_accepted=None, hidden=None, continues=True)
+        return replace(task, new_tokens=task.new_tokens + drafted, last_accepted=None, hidden=None, continues=True,
+                       after_draft=after_draft)
 
     def _verify(self, plan: StepPlan, group: list, budgets: dict, now: list) -> None:
         plan.draft += [self._draft_task(s, budgets[s.request_id], now=True) for s in now if budgets[s.request_id] > 0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.core.messages import DraftTask, Proposal, StepPlan, VerifyTask
 
@@ -56,4 +56,18 @@ def resolve_verify(plan: StepPlan, proposals: dict) -> list[VerifyTask]:
     for task in plan.verify:
         proposal = task.proposal if task.proposal is not None else proposals.get(task.seq_id, Proposal())
         out.append(VerifyTask(task.seq_id, task.target, proposal, task.want_hidden))
+    return out
+
+
+def after_drafts(tasks: list[DraftTask], result: StepResult) -> list[DraftTask]:
+    """Tasks that continue a draft made now get its tokens appended; without one (it failed, or came back
+    empty or as a tree) there is nothing to continue from and the task is dropped."""
+    out = []
+    for task in tasks:
+        if not task.after_draft:
+            out.append(task)
+            continue
+        drafted = result.proposals.get(task.seq_id)
+        if drafted is not None and len(drafted) and drafted.is_chain:
+            out.append(replace(task, new_tokens=task.new_tokens + drafted.tokens, after_draft=False))
     return out

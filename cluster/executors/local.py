@@ -1,22 +1,26 @@
-"""Runs a StepPlan on plain workers in this process: prefill, then drafts, then verification."""
+"""Runs a StepPlan on plain workers in this process: prefill, then drafts, then verification. With
+`overlap`, drafts for the next step (pipelining's split and continue) run on a thread beside the
+verify: in one process that pays where the verify mostly waits on something other than the CPU (an
+offloaded target reading its weights from storage), so the engine turns it on only when asked."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from cluster.core.messages import StepPlan
-from cluster.executors.base import StepResult, by_worker, clean, draft_call, resolve_verify
+from cluster.core.messages import DraftTask, StepPlan
+from cluster.executors.base import StepResult, after_drafts, by_worker, clean, draft_call, resolve_verify
 from cluster.workers.draft_worker import DraftWorker
 from cluster.workers.target_worker import TargetWorker
 
 
 class LocalExecutor:
-    overlaps = False  # one process: drafting cannot run beside verification
-
-    def __init__(self, target: TargetWorker, drafter: DraftWorker | None, slots: int):
+    def __init__(self, target: TargetWorker, drafter: DraftWorker | None, slots: int, overlap: bool = False):
         self.targets = {"target-0": target}
         self.drafters = {"draft-0": drafter} if drafter is not None else {}
         self.slots = slots
+        self.overlaps = overlap and drafter is not None  # drafting can run beside verification
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="draft-beside") if self.overlaps else None
 
     def capacities(self, load=None, demand=None) -> tuple[dict[str, int], dict[str, int]]:
         """Every slot of this process's workers (load and demand matter only to shared pools)."""
@@ -29,24 +33,35 @@ class LocalExecutor:
             for item, r in zip(items, self.targets[worker].prefill(items)):
                 result.prefilled[item.seq_id] = r
         result.prefill_s = time.perf_counter() - start
-        for worker, tasks in by_worker(plan.draft, "drafter").items():
-            drafted = self.drafters[worker].propose(tasks)
-            result.draft_calls += draft_call(tasks, drafted.compute_s)
-            result.draft_s += drafted.compute_s if any(t.now for t in tasks) else 0.0
-            vocab = self.targets["target-0"].vocab_size
-            for task, proposal in zip(tasks, drafted.proposals):
-                proposal = clean(proposal, vocab)
-                if proposal is None or task.seq_id in drafted.failed:
-                    result.draft_failed.add(task.seq_id)
-                    continue
-                result.proposals[task.seq_id] = proposal
+        self._draft(result, [t for t in plan.draft if t.now])
+        later = after_drafts([t for t in plan.draft if not t.now], result)
+        beside = self._thread.submit(self._draft, result, later) if self._thread is not None and later else None
         for worker, tasks in by_worker(resolve_verify(plan, result.proposals), "target").items():
             verdicts, busy = self.targets[worker].verify_timed(tasks)
             result.verify_s = max(result.verify_s, busy)
             result.verify_busy[worker] = busy
             for task, v in zip(tasks, verdicts):
                 result.verdicts[task.seq_id] = v
+        if beside is not None:
+            beside.result()  # the next step's drafts: this step ends when both are done
+        elif later:
+            self._draft(result, later)
         return result
+
+    def _draft(self, result: StepResult, tasks: list[DraftTask]) -> None:
+        for worker, group in by_worker(tasks, "drafter").items():
+            drafted = self.drafters[worker].propose(group)
+            result.draft_calls += draft_call(group, drafted.compute_s)
+            result.draft_s += drafted.compute_s if any(t.now for t in group) else 0.0
+            vocab = self.targets["target-0"].vocab_size
+            for task, proposal in zip(group, drafted.proposals):
+                proposal = clean(proposal, vocab)
+                if proposal is None or task.seq_id in drafted.failed:
+                    result.draft_failed.add(task.seq_id)
+                elif task.continues:  # usable only once its verify is known: the engine decides
+                    result.continued[task.seq_id] = (task, proposal)
+                else:
+                    result.proposals[task.seq_id] = proposal
 
     def pending_drafts(self) -> set[str]:
         """Drafts run inside the step here: none outlives it."""
@@ -62,4 +77,6 @@ class LocalExecutor:
         return sum(t.busy_s for t in self.targets.values())
 
     def shutdown(self) -> None:
-        pass
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+

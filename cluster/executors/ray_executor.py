@@ -16,7 +16,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.core.messages import StepPlan
-from cluster.executors.base import StepResult, by_worker, clean, draft_call, resolve_verify
+from cluster.executors.base import StepResult, after_drafts, by_worker, clean, draft_call, resolve_verify
 from cluster.pools.manager import RouterReport
 from cluster.workers.isolation import Failure
 
@@ -126,8 +126,11 @@ class RayExecutor:
         now = {w: (tasks, self.drafters.handles[w].propose.remote(tasks))
                for w, tasks in by_worker([t for t in plan.draft if t.now], "drafter").items()
                if w in self.drafters.handles}
+        # A worker with continuations of drafts made now gets its later call once those are in (below).
+        behind = [t for t in plan.draft if not t.now]
+        chained = {t.drafter for t in behind if t.after_draft}
         later = {w: (tasks, self.drafters.handles[w].propose.remote(tasks))
-                 for w, tasks in by_worker([t for t in plan.draft if not t.now], "drafter").items()
+                 for w, tasks in by_worker([t for t in behind if t.drafter not in chained], "drafter").items()
                  if w in self.drafters.handles}
         needed = {t.seq_id for t in plan.verify if t.proposal is None}
         self._collect_drafts(result, {w: c for w, c in self._in_flight.items()
@@ -136,6 +139,9 @@ class RayExecutor:
         self._collect_drafts(result, now, wait=True, launched=start)
         waited = time.perf_counter() - start
         result.draft_s = waited if now else 0.0
+        for w, tasks in by_worker(after_drafts([t for t in behind if t.drafter in chained], result), "drafter").items():
+            if w in self.drafters.handles:  # the drafts they continue are in: their tokens are known
+                later[w] = (tasks, self.drafters.handles[w].propose.remote(tasks))
         verify = {w: (tasks, self.targets.handles[w].verify_timed.remote(tasks))
                   for w, tasks in by_worker(resolve_verify(plan, result.proposals), "target").items()
                   if w in self.targets.handles}

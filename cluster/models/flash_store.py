@@ -188,10 +188,15 @@ class EmbeddingRows:
         self.fd = os.open(self.path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
         span = -(-(self.row_bytes + ALIGN) // ALIGN) * ALIGN  # any row lies within this many aligned bytes
         self._buf = aligned_buffer(span)
+        self._lock = threading.Lock()  # one buffer: a draft beside the verify embeds on another thread
         self.bytes_read = 0
         self.disk: SlowDisk | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._rows(ids)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
         out = torch.empty(len(unique), self.layout.hidden, dtype=self.layout.torch_dtype)
         view = memoryview(self._buf.numpy())

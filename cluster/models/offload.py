@@ -5,11 +5,16 @@ storage and stream through DRAM one layer at a time; a cache of hot neurons stay
   the neurons not in the cache are read (long aligned reads, on a thread, one layer ahead of compute)
   into a staging buffer that mirrors the layer's block, the cached rows are copied in beside them, and
   the FFN runs dense over all of them. Its logits are the in-memory model's, whatever the cache holds.
+  Between passes (while the draft runs) both staging buffers are free, so the next pass's first two
+  layers are read then.
 - `NeuronCache` holds, per layer, the `capacity` neuron rows with the highest score: the calibration
   hotness at start, then an exponential window over the |activations| of the tokens each pass verified
   (the paper's sliding window; the rows are copied from the staging buffer, never read twice).
 - `SparseDraftBackend` is the draft: the same resident weights (shared, no copy), its FFN over the cached
   neurons only. It reads nothing from storage, and it is only a draft: the dense target verifies.
+  With `cluster.pipelining: continue` it drafts on a thread while the target streams its weights (the CPU
+  is mostly idle then); a hot-neuron draft may then read a layer whose rows the verify is swapping, which
+  costs acceptance, never output.
 
 The budget: resident tensors + two staging buffers + the cache <= `memory_budget_gb`.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,9 +150,11 @@ class OffloadedBackend(LeanBackend):
         self.reserved_bytes = 0  # budget given to others in this process (see reserve)
         self.neurons = NeuronCache(layout, cache_neurons, hotness, window_decay)
         self._buffers = [aligned_buffer(layout.layer_bytes) for _ in range(2)]
-        self._turn = 0  # which buffer the next read fills: consecutive reads alternate
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-read") if prefetch else None
-        self._ahead: tuple[int, Future | None, torch.Tensor] | None = None  # (layer, read, buffer)
+        # Reads started, in the order they will be used: (layer, read, buffer). A buffer is free when no read
+        # and no layer's compute (`_computing`) holds it.
+        self._ahead: deque[tuple[int, Future | None, torch.Tensor]] = deque()
+        self._computing: torch.Tensor | None = None
         self.io_wait_s = 0.0  # time compute waited on storage
         self.passes = 0
         model._offload = self  # a sparse draft in this process finds the cache through the model
@@ -185,40 +193,57 @@ class OffloadedBackend(LeanBackend):
         """Layer `layer`'s whole FFN block [I, 3, H], read from storage into a staging buffer now (for a
         one-off use at load time; passes stream through `_layer`)."""
         self.settle()
+        self._ahead.clear()  # what was read ahead is overwritten: the next pass reads it again
         lay = self.layout
-        buf = self._buffers[self._turn]  # the one the next read would fill: no read ahead lands in it
+        buf = self._buffers[0]
         self.reader.read_rows(layer, [(0, lay.intermediate)], buf)
         return buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
 
     # --- streaming -----------------------------------------------------------------------------------
-    def _start_read(self, layer: int) -> tuple[int, Future | None, torch.Tensor]:
-        buf = self._buffers[self._turn]
-        self._turn ^= 1
+    def _start_read(self, layer: int) -> None:
+        """Read layer `layer`'s uncached rows into a free staging buffer (on the thread, with prefetch)."""
+        held = [b for _, _, b in self._ahead] + [self._computing]
+        buf = next(b for b in self._buffers if all(b is not h for h in held))
         spans = runs(self.neurons.missing(layer))
         if self._pool is None:
             self.reader.read_rows(layer, spans, buf)
-            return layer, None, buf
-        return layer, self._pool.submit(self.reader.read_rows, layer, spans, buf), buf
+            self._ahead.append((layer, None, buf))
+        else:
+            self._ahead.append((layer, self._pool.submit(self.reader.read_rows, layer, spans, buf), buf))
+
+    def _read_ahead(self, after: int) -> None:
+        """Fill the free buffers with the layers that follow `after` (wrapping into the next pass). The
+        cache rows a read skips are fixed until that layer's own pass: only its `observe` changes them."""
+        if self._pool is None:
+            return
+        nxt = self._ahead[-1][0] if self._ahead else after
+        free = len(self._buffers) - len(self._ahead) - (self._computing is not None)
+        for _ in range(free):
+            nxt = (nxt + 1) % self.layout.layers
+            if nxt == after and self._computing is not None or any(layer == nxt for layer, _, _ in self._ahead):
+                return  # a model with fewer layers than buffers: each layer read once a pass
+            self._start_read(nxt)
 
     def settle(self) -> None:
-        """Wait for the read in flight (the next pass's first layer), so byte counts are complete."""
-        if self._ahead is not None and self._ahead[1] is not None:
-            self._ahead[1].result()
+        """Wait for the reads in flight (the next pass's first layers), so byte counts are complete."""
+        for _, future, _ in self._ahead:
+            if future is not None:
+                future.result()
 
     def _layer(self, li: int) -> torch.Tensor:
         """Layer li's full FFN block [I, 3, H] in a staging buffer, and the next read started."""
-        if self._ahead is None or self._ahead[0] != li:
-            if self._ahead is not None and self._ahead[1] is not None:
-                self._ahead[1].result()  # a read for another layer (a pass began elsewhere): let it land
-            self._ahead = self._start_read(li)
-        layer, future, buf = self._ahead
+        self._computing = None  # the previous layer's compute is done with its buffer
+        if not self._ahead or self._ahead[0][0] != li:
+            self.settle()  # reads for other layers (a pass began elsewhere): let them land, then drop them
+            self._ahead.clear()
+            self._start_read(li)
+        _, future, buf = self._ahead.popleft()
         if future is not None:
             start = time.perf_counter()
             future.result()
             self.io_wait_s += time.perf_counter() - start
-        nxt = (li + 1) % self.layout.layers  # after the last layer, the next pass's first: read while drafting
-        # (a one-layer model plans its next read after this pass's cache update, in the next pass)
-        self._ahead = self._start_read(nxt) if self._pool is not None and nxt != li else None
+        self._computing = buf
+        self._read_ahead(li)
         lay = self.layout
         full = buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
         self.neurons.fill_into(li, full)
@@ -239,6 +264,8 @@ class OffloadedBackend(LeanBackend):
         self.neurons.observe(li, act, full)
         if li == self.layout.layers - 1:
             self.passes += 1
+            self._computing = None  # the pass is done with its last buffer: read ahead into it while drafting
+            self._read_ahead(li)
         return out
 
     def calibrate(self) -> CostCurve:

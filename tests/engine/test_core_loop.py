@@ -143,11 +143,8 @@ def test_a_deferred_prefill_keeps_seeded_sampling(make_engine, alone):
 
 
 def test_a_deferred_prefill_is_refused_where_it_cannot_be_honoured(make_engine, tiny_models):
-    from types import SimpleNamespace
-
     from cluster.config import DrafterConfig
     from cluster.drafters.configs import HeadsConfig
-    from cluster.engine import Engine
     from cluster.errors import ConfigError
 
     engine = make_engine("ngram", k=4)
@@ -155,11 +152,48 @@ def test_a_deferred_prefill_is_refused_where_it_cannot_be_honoured(make_engine, 
     heads = replace(config, drafter=DrafterConfig("heads", {"heads": HeadsConfig(path="unused")}))
     with pytest.raises(ConfigError, match="defer_prefill.*hidden state"):
         heads.validate(check_paths=False)
-    overlapping = SimpleNamespace(overlaps=True)  # an executor that drafts beside verification (Ray's)
-    with pytest.raises(ConfigError, match="defer_prefill.*pipelining"):
-        Engine(config, overlapping, engine.tokenizer, 384, None, set(), None, False)
-    unpipelined = replace(config, cluster=replace(config.cluster, pipelining="off"))
-    Engine(unpipelined, overlapping, engine.tokenizer, 384, None, set(), None, False)  # honoured there
+
+
+def _beside(engine, defer: bool = False) -> SpecEngine:
+    """The same target and drafter, drafting the next proposal on a thread beside each verify."""
+    config = replace(engine.config, cluster=replace(engine.config.cluster, pipelining="continue"),
+                     speculation=replace(engine.config.speculation, defer_prefill=defer))
+    return SpecEngine(config, tokenizer=engine.tokenizer, target=engine.target, drafter=engine.drafter.drafter)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_drafting_beside_the_verify_in_one_process_is_exact_and_its_drafts_are_used(make_engine, alone, defer):
+    """pipelining: continue in one process: while the target verifies a request's proposal, the drafter
+    drafts on from its end on a thread. A request holding none drafts now (its pass carries nothing else)
+    and drafts on from that draft. With the target as its own drafter every continuation holds, so after
+    a request's first draft it never waits for one again."""
+    prompts = [PROMPT] + OTHERS
+    expected = [o.token_ids for o in make_engine("ngram", k=0).generate(prompts, SamplingParams(max_tokens=20))]
+    plain = make_engine("model", k=4, draft="target")
+    engine = _beside(plain, defer)
+    assert engine.executor.overlaps and not plain.executor.overlaps
+    waited = []
+    propose = engine.drafter.propose
+
+    def counting(tasks):
+        waited.extend(t.seq_id for t in tasks if t.now)
+        return propose(tasks)
+
+    engine.drafter.propose = counting
+    passes = engine.target.passes
+    for prompt, want in zip(prompts, expected):  # one at a time: a lone request's pass is all its own
+        assert engine.generate([prompt], SamplingParams(max_tokens=20))[0].token_ids == want
+    used = engine.metrics.value("specdec_continued_drafts_total", outcome="used")
+    assert engine.pipelined_steps == engine.stats.steps and used > 0
+    assert len(waited) + used == engine.stats.steps  # every verify had a draft: made now, or beside the last one
+    assert len(waited) < engine.stats.steps / 2  # most were made beside a verify
+    if defer:  # the prompts rode in the verify passes: no pass of their own
+        assert engine.target.passes - passes == engine.stats.steps
+    batch = engine.generate(prompts, SamplingParams(max_tokens=20))  # held and fresh requests side by side
+    assert [o.token_ids for o in batch] == expected
+    noisy = _beside(make_engine("model", k=4), defer)  # continuations that miss: drafted now again
+    assert noisy.generate([PROMPT], SAMPLED)[0].token_ids == alone
+    assert [o.token_ids for o in noisy.generate(prompts, SamplingParams(max_tokens=20))] == expected
 
 
 @pytest.mark.slow

@@ -129,6 +129,24 @@ def test_the_budget_bounds_what_is_held_and_reads_skip_the_cache_and_the_page_ca
     assert resident_fraction(flash / "ffn.bin") < 0.05  # the page cache does not quietly hold the model
 
 
+def test_between_passes_the_next_pass_first_two_layers_are_read_once_each(flash3):
+    """While the draft runs, both staging buffers are free: the next pass's layers 0 and 1 are read into
+    them then, and no layer is read twice in a pass."""
+    off = _offloaded(flash3[1], 40)
+    lay = off.layout
+    uncached = lay.layer_bytes - 40 * lay.row_bytes // ALIGN * ALIGN  # a layer's reads once it is cached
+    slot = off.cache.allocate()
+    off.forward([Row(slot, [1, 2, 3])])  # reads every row of every layer (nothing cached yet)
+    for tokens in ([4], [5, 6]):
+        assert [layer for layer, _, _ in off._ahead] == [0, 1]
+        assert len({buf.data_ptr() for _, _, buf in off._ahead}) == 2
+        off.settle()
+        before = off.reader.bytes_read
+        off.forward([Row(slot, tokens)])
+        off.settle()
+        assert off.reader.bytes_read - before == lay.layers * uncached  # layer 2, then the next pass's 0 and 1
+
+
 def test_byte_ranges_align_and_merge():
     assert byte_ranges([(0, 3)], 1000, 1 << 20) == [(0, 4096)]
     assert byte_ranges([(0, 1), (5, 6)], 1000, 1 << 20) == [(0, 8192)]  # rounded ranges overlap: one read
@@ -211,7 +229,8 @@ def test_the_sparse_draft_uses_only_cached_neurons(flash):
     assert not torch.equal(first, draft.forward([Row(d, [5, 17, 40])], last_only=True).logits)
 
 
-def _offload_engine(flash, k: int, base: SpecEngine, ffn: str = "hot", defer: bool = False) -> SpecEngine:
+def _offload_engine(flash, k: int, base: SpecEngine, ffn: str = "hot", defer: bool = False,
+                    pipelining: str = "auto") -> SpecEngine:
     skeleton = load_skeleton(flash, torch.float32)
     budget = _budget_gb(skeleton, BundleLayout.load(flash), 48) + 1e-9
     config = EngineConfig(
@@ -219,15 +238,22 @@ def _offload_engine(flash, k: int, base: SpecEngine, ffn: str = "hot", defer: bo
         drafter=DrafterConfig("sparse", {"sparse": SparseConfig(ffn=ffn, group=32)}),
         speculation=SpeculationConfig(k=k, k_max=8, adaptive=False, defer_prefill=defer),
     )
+    config.cluster.pipelining = pipelining
     return SpecEngine(config.validate(), tokenizer=base.tokenizer)
 
 
-@pytest.mark.parametrize("ffn, defer", [("hot", False), ("int4", False), ("int4", True)])
-def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine, ffn, defer):
-    """With a deferred prefill, a prompt and its first draft share one weight pass."""
+@pytest.mark.parametrize("ffn, defer, pipelining", [("hot", False, "auto"), ("int4", False, "auto"),
+                                                    ("int4", True, "auto"), ("int4", True, "continue"),
+                                                    ("hot", False, "continue")])
+def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, flash, make_engine, ffn, defer,
+                                                                  pipelining):
+    """With a deferred prefill, a prompt and its first draft share one weight pass. With pipelining
+    `continue`, the draft runs on a thread while the target streams its weights (the hot-neuron draft then
+    reads cache rows the verify may be swapping: that costs acceptance, never output)."""
     dense = make_engine("ngram", k=0)  # the in-memory target
-    spec = _offload_engine(flash, 6, dense, ffn, defer)
+    spec = _offload_engine(flash, 6, dense, ffn, defer, pipelining)
     assert spec.target.backend.name == "offload"
+    assert spec.executor.overlaps == (pipelining == "continue")
     greedy = SamplingParams(max_tokens=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
     for prompt, want, got in zip(PROMPTS, dense.generate(PROMPTS, greedy), spec.generate(PROMPTS, greedy)):
@@ -241,6 +267,8 @@ def test_speculation_with_the_sparse_draft_equals_the_dense_model(tiny_models, f
     plain = _offload_engine(flash, 0, dense)
     assert [o.token_ids for o in spec.generate(PROMPTS, sampled)] == \
         [o.token_ids for o in plain.generate(PROMPTS, sampled)]
+    if pipelining == "continue":
+        assert spec.metrics.value("specdec_continued_drafts_total", outcome="used") > 0
 
 
 def test_a_sparse_draft_without_an_offloaded_target_is_refused(make_engine):

@@ -206,7 +206,16 @@ def test_continue_mode_drafts_on_from_held_proposals():
     one = Scheduler(SchedulerConfig(k=3, k_max=8, adaptive=False, max_model_len=256), None, pipelining="continue")
     lone = _decoding(one, [_seq(0)])
     plan = one.schedule()  # a single request continues too: it has no other group to wait for
-    assert plan.pipelined and [t.continues for t in plan.draft] == [True] and plan.verify[0].seq_id == "r0"
+    # Holding no proposal, its pass would carry nothing: it drafts now, and drafts on from that draft
+    # (the executor appends that draft's tokens; K + 1 nodes after at most K drafted, within 20 tokens).
+    now, after = plan.draft
+    assert plan.pipelined and now.now and not now.continues and plan.verify[0].seq_id == "r0"
+    assert after.continues and after.after_draft and not after.now and after.new_tokens == now.new_tokens
+    assert after.budget == 4
+    lone[0].proposal = Proposal.chain([1, 2, 3])  # holding one, it only drafts on from it
+    plan = one.schedule()
+    assert [(t.continues, t.after_draft) for t in plan.draft] == [(True, False)]
+    lone[0].proposal = None
     sched.pipelining = "split"
     assert not any(t.continues for t in sched.schedule().draft)
     one.pipelining = "split"
@@ -317,7 +326,8 @@ def test_continue_drafts_to_the_targets_pace_not_to_the_flat_choice():
     assert k < flat[0] and rate(k) == max(rate(j) for j in range(1, 9)) and rate(k) > 1.05 * rate(flat[0])
     assert sched._pipeline_rates(seqs, {s.request_id: f for s, f in zip(seqs, flat)})["continue"] == rate(k)
     sched.config.adaptive = False  # a fixed K is kept as asked, continue or not
-    assert {t.budget for t in sched.schedule().draft} == {5}
+    plan = sched.schedule()  # (and asked of every pass: holding none, each drafts K now, then K + 1 on from it)
+    assert {(t.now, t.budget) for t in plan.draft} == {(True, 4), (False, 5)}
 
 
 def test_continue_pays_where_flat_drafting_does_not():

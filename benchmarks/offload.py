@@ -144,7 +144,7 @@ def run_mode(args) -> dict:
         accepted += out.stats.accepted
         drafted += out.stats.drafted
         done = sum(len(o["token_ids"]) for o in outputs)
-        log(f"  {mode}: prompt {i + 1}/{len(prompts)}, {done} tokens, {done / (time.perf_counter() - start):.2f} tok/s")
+        log(f"  {args.run_mode}: prompt {i + 1}/{len(prompts)}, {done} tokens, {done / (time.perf_counter() - start):.2f} tok/s")
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
     row = {"mode": args.run_mode, "defer_prefill": defer, "pipelining": config.cluster.pipelining,

@@ -79,4 +79,3 @@ class LocalExecutor:
     def shutdown(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
-

@@ -9,7 +9,7 @@ import torch
 from cluster.core.cost_model import Acceptance, CostCurve, CostModel, DraftCost, StepTimer, expected_tokens
 from cluster.core.messages import DraftTask, Proposal, SparseQ, continuation
 from cluster.core.scheduler import Scheduler, SchedulerConfig
-from cluster.executors.base import draft_call
+from cluster.executors.base import StepResult, after_drafts, draft_call
 from cluster.requests import Sequence
 from cluster.types import SamplingParams
 
@@ -220,6 +220,22 @@ def test_continue_mode_drafts_on_from_held_proposals():
     assert not any(t.continues for t in sched.schedule().draft)
     one.pipelining = "split"
     assert not one.schedule().pipelined and lone[0].proposal is None  # one request: nothing to split
+
+
+def test_a_continuation_of_a_draft_made_now_takes_its_tokens_or_is_dropped():
+    def task(seq_id, after):
+        return DraftTask(seq_id, "draft-0", 8, [8, 9], 4, SamplingParams(), 0, 2, now=False, continues=True,
+                         after_draft=after)
+
+    result = StepResult(proposals={"a": Proposal.chain([1, 2, 3]), "t": Proposal([1, 2], [-1, -1]),
+                                   "e": Proposal.chain([])})
+    plain = task("p", False)
+    out = after_drafts([task("a", True), plain, task("t", True), task("e", True), task("gone", True)], result)
+    # a: the draft's tokens appended (node 0 of the continuation then guesses the token after 3); a plain
+    # continuation is kept as it is; a tree, an empty draft or none (failed): nothing to continue from
+    got = [(t.seq_id, t.new_tokens, t.after_draft) for t in out]
+    assert got == [("a", [8, 9, 1, 2, 3], False), ("p", [8, 9], False)]
+    assert out[1] is plain
 
 
 def test_a_draft_still_in_flight_is_verified_when_it_lands_never_drafted_again():

@@ -11,10 +11,11 @@ from cluster.config import DrafterConfig, EngineConfig, ModelConfig, Speculation
 from cluster.drafters.configs import SparseConfig
 from cluster.engine import SpecEngine
 from cluster.models.backend import Row
-from cluster.models.flash_store import (ALIGN, BundleLayout, SlowDisk, byte_ranges, drop_from_page_cache,
-                                        resident_fraction, runs)
+from cluster.models.flash_store import (ALIGN, BundleLayout, EmbeddingRows, SlowDisk, byte_ranges,
+                                        drop_from_page_cache, resident_fraction, runs)
 from cluster.models.lean import LeanBackend
-from cluster.models.offload import OffloadedBackend, SparseDraftBackend, load_skeleton, resident_bytes
+from cluster.models.offload import (EMBED_CACHE_ROWS, OffloadedBackend, SparseDraftBackend, load_skeleton,
+                                    resident_bytes)
 from cluster.types import SamplingParams
 from tests.engine.helpers import assert_same_or_near_tie
 from tools.bundle_ffn import bundle
@@ -49,7 +50,9 @@ def flash3(tiny_models, tmp_path_factory):
 
 def _budget_gb(skeleton, layout: BundleLayout, neurons: int) -> float:
     """The budget that leaves room for `neurons` cached rows per layer."""
-    return (resident_bytes(skeleton) + 2 * layout.layer_bytes + neurons * layout.layers * layout.row_bytes) / 1e9
+    embed = min(EMBED_CACHE_ROWS, layout.embed_rows) * layout.hidden * layout.element_size
+    held = resident_bytes(skeleton) + embed + 2 * layout.layer_bytes
+    return (held + neurons * layout.layers * layout.row_bytes) / 1e9
 
 
 def _offloaded(flash, neurons: int, **kw) -> OffloadedBackend:
@@ -145,6 +148,27 @@ def test_between_passes_the_next_pass_first_two_layers_are_read_once_each(flash3
         off.forward([Row(slot, tokens)])
         off.settle()
         assert off.reader.bytes_read - before == lay.layers * uncached  # layer 2, then the next pass's 0 and 1
+
+
+def test_embedding_rows_are_read_once_while_cached_least_recently_used_out(flash):
+    lay = BundleLayout.load(flash)
+    assert lay.embed_rows  # the tiny target's embedding is untied: it lives on storage
+    rows, plain = EmbeddingRows(flash / "embed.bin", lay, cache_rows=2), EmbeddingRows(flash / "embed.bin", lay)
+    ids = torch.tensor([5, 7, 5])
+    assert torch.equal(rows(ids), plain(ids))
+    read = rows.bytes_read
+    assert torch.equal(rows(torch.tensor([7])), plain(torch.tensor([7])))  # both held: no read
+    assert torch.equal(rows(torch.tensor([5])), plain(torch.tensor([5])))
+    assert rows.bytes_read == read and rows.hits == 2
+    rows(torch.tensor([9]))  # the least recently used (7) makes room
+    read = rows.bytes_read
+    rows(torch.tensor([5, 9]))
+    assert rows.bytes_read == read
+    assert torch.equal(rows(torch.tensor([7])), plain(torch.tensor([7]))) and rows.bytes_read > read
+    assert rows.cache_bytes == 2 * lay.hidden * lay.element_size
+    off = _offloaded(flash, 40)  # the backend's cache is DRAM it holds: counted with the resident weights
+    assert off.resident_bytes == resident_bytes(load_skeleton(flash, torch.float32)) + off.embed_rows.cache_bytes > 0
+    assert off.embed_rows.cache_rows == min(EMBED_CACHE_ROWS, lay.embed_rows)
 
 
 def test_byte_ranges_align_and_merge():

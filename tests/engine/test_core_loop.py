@@ -192,8 +192,19 @@ def test_drafting_beside_the_verify_in_one_process_is_exact_and_its_drafts_are_u
     batch = engine.generate(prompts, SamplingParams(max_tokens=20))  # held and fresh requests side by side
     assert [o.token_ids for o in batch] == expected
     noisy = _beside(make_engine("model", k=4), defer)  # continuations that miss: drafted now again
+    bare, verify = [], noisy.target.verify_timed
+
+    def recording(tasks):
+        bare.extend(t.seq_id for t in tasks if not t.proposal)
+        return verify(tasks)
+
+    noisy.target.verify_timed = recording
     assert noisy.generate([PROMPT], SAMPLED)[0].token_ids == alone
-    assert [o.token_ids for o in noisy.generate(prompts, SamplingParams(max_tokens=20))] == expected
+    for prompt, want in zip(prompts, expected):
+        assert noisy.generate([prompt], SamplingParams(max_tokens=20))[0].token_ids == want
+    assert noisy.metrics.value("specdec_continued_drafts_total", outcome="dropped") > 0
+    # alone in its pass, a request never spends it on one token (but where it may emit only one more)
+    assert len(bare) <= len(prompts) + 1
 
 
 @pytest.mark.slow

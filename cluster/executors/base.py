@@ -43,6 +43,19 @@ def draft_call(tasks: list[DraftTask], seconds: float) -> list[tuple[int, int, i
     return [(max(t.budget for t in tasks), sum(t.budget for t in tasks), read, seconds)]
 
 
+def take_drafts(result: StepResult, tasks: list[DraftTask], drafted, vocab: int) -> None:
+    """File one draft call's proposals: continuations aside (usable only once their verify is known: the
+    engine decides), the others as this step's, malformed or failed ones as draft failures."""
+    for task, proposal in zip(tasks, drafted.proposals):
+        proposal = clean(proposal, vocab)
+        if proposal is None or task.seq_id in drafted.failed:
+            result.draft_failed.add(task.seq_id)
+        elif task.continues:
+            result.continued[task.seq_id] = (task, proposal)
+        else:
+            result.proposals[task.seq_id] = proposal
+
+
 def by_worker(items: list, attr: str) -> dict[str, list]:
     groups: dict[str, list] = {}
     for item in items:

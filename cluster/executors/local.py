@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cluster.core.messages import DraftTask, StepPlan
-from cluster.executors.base import StepResult, after_drafts, by_worker, clean, draft_call, resolve_verify
+from cluster.executors.base import StepResult, after_drafts, by_worker, draft_call, resolve_verify, take_drafts
 from cluster.workers.draft_worker import DraftWorker
 from cluster.workers.target_worker import TargetWorker
 
@@ -53,15 +53,7 @@ class LocalExecutor:
             drafted = self.drafters[worker].propose(group)
             result.draft_calls += draft_call(group, drafted.compute_s)
             result.draft_s += drafted.compute_s if any(t.now for t in group) else 0.0
-            vocab = self.targets["target-0"].vocab_size
-            for task, proposal in zip(group, drafted.proposals):
-                proposal = clean(proposal, vocab)
-                if proposal is None or task.seq_id in drafted.failed:
-                    result.draft_failed.add(task.seq_id)
-                elif task.continues:  # usable only once its verify is known: the engine decides
-                    result.continued[task.seq_id] = (task, proposal)
-                else:
-                    result.proposals[task.seq_id] = proposal
+            take_drafts(result, group, drafted, self.targets["target-0"].vocab_size)
 
     def pending_drafts(self) -> set[str]:
         """Drafts run inside the step here: none outlives it."""

@@ -16,7 +16,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.core.messages import StepPlan
-from cluster.executors.base import StepResult, after_drafts, by_worker, clean, draft_call, resolve_verify
+from cluster.executors.base import StepResult, after_drafts, by_worker, draft_call, resolve_verify, take_drafts
 from cluster.pools.manager import RouterReport
 from cluster.workers.isolation import Failure
 
@@ -210,14 +210,7 @@ class RayExecutor:
                 continue
             seconds = time.perf_counter() - launched if launched is not None else drafted.compute_s
             result.draft_calls += draft_call(tasks, max(seconds, drafted.compute_s))
-            for task, proposal in zip(tasks, drafted.proposals):
-                proposal = clean(proposal, self.vocab)
-                if proposal is None or task.seq_id in drafted.failed:
-                    result.draft_failed.add(task.seq_id)
-                elif task.continues:  # usable only once its verify is known: the engine decides
-                    result.continued[task.seq_id] = (task, proposal)
-                else:
-                    result.proposals[task.seq_id] = proposal
+            take_drafts(result, tasks, drafted, self.vocab)
 
     def _lost(self, result: StepResult, worker: str, seq_ids: list[str]) -> None:
         if worker not in result.dead_workers:

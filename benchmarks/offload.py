@@ -13,6 +13,10 @@ Modes, each in its own process (so each one's peak RSS is its own):
   offload_small_draft  the same target with Qwen2.5-Coder-0.5B as the draft, inside the same budget
   offload_spec_own_prefill  offload_spec with each prompt read in a weight pass of its own (not by default)
   offload_spec_serial  offload_spec drafting only between passes, never beside one (not by default)
+  offload_sparse  APPROXIMATE, the paper's own inference without speculation (not by default): each FFN runs
+                over the neurons its trained predictor calls active (--sparse-densities, one run each), and
+                only those the hot set lacks are read. Its `agreement` (the share of its tokens that are the
+                dense model's argmax, teacher-forced) says what that costs; it is left out of `exact`.
   dense         the in-memory model (no budget): the reference every mode's output is checked against
 The speculative modes defer each prefill into the request's first verify pass (speculation.defer_prefill:
 the prompt and the first draft share one weight pass); --no-defer-prefill turns that off for all of them.
@@ -43,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Path(__file__).with_name("workloads") / "code.jsonl"
 MODES = ("naive", "offload", "offload_spec", "offload_spec_hot", "offload_small_draft")
-EXTRA_MODES = ("offload_spec_own_prefill", "offload_spec_serial")
+EXTRA_MODES = ("offload_spec_own_prefill", "offload_spec_serial", "offload_sparse")
 
 
 def log(message: str) -> None:
@@ -88,10 +92,11 @@ def run_mode(args) -> dict:
 
     torch.set_num_threads(2)
     mode, bundle = args.run_mode, Path(args.bundle)
+    label = f"offload_sparse_{args.sparse_density:g}" if mode == "offload_sparse" else mode
     own_prefill, serial = mode == "offload_spec_own_prefill", mode == "offload_spec_serial"
     mode = "offload_spec" if own_prefill or serial else mode
     prompts = code_prompts(args.prompts)
-    if mode in ("naive", "offload"):
+    if mode in ("naive", "offload", "offload_sparse"):
         prompts = prompts[: args.slow_prompts]
     budget = args.budget_fraction * weight_bytes(bundle) / 1e9
     draft_gb = 0.0
@@ -122,7 +127,10 @@ def run_mode(args) -> dict:
     config.limits.max_batch_size = 1
     config.limits.max_model_len = 1024
     start = time.perf_counter()
-    if mode in ("naive", "offload_small_draft"):
+    if mode == "offload_sparse":
+        engine = _engine_with_backend(config, lambda model, slots, capacity, cfg: _approximate(args, model, slots,
+                                                                                              capacity, cfg))
+    elif mode in ("naive", "offload_small_draft"):
         engine = _engine_with_cache(config, 0 if mode == "naive" else None, prefetch=mode != "naive")
     else:
         engine = SpecEngine(config.validate())
@@ -144,10 +152,11 @@ def run_mode(args) -> dict:
         accepted += out.stats.accepted
         drafted += out.stats.drafted
         done = sum(len(o["token_ids"]) for o in outputs)
-        log(f"  {args.run_mode}: prompt {i + 1}/{len(prompts)}, {done} tokens, {done / (time.perf_counter() - start):.2f} tok/s")
+        log(f"  {label}: prompt {i + 1}/{len(prompts)}, {done} tokens, "
+            f"{done / (time.perf_counter() - start):.2f} tok/s")
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
-    row = {"mode": args.run_mode, "defer_prefill": defer, "pipelining": config.cluster.pipelining,
+    row = {"mode": label, "defer_prefill": defer, "pipelining": config.cluster.pipelining,
            "prompts": len(prompts), "tokens": tokens,
            "seconds": round(seconds, 2),
            "tokens_per_s": round(tokens / seconds, 3), "load_s": round(load_s, 1),
@@ -173,15 +182,42 @@ def run_mode(args) -> dict:
                 "io_wait_share": round(backend.io_wait_s / seconds, 3)}
         if backend.reader.disk is not None:
             row["disk_sleep_share"] = round(backend.reader.disk.waited_s / seconds, 3)
+        if mode == "offload_sparse":  # the union over a pass's tokens: a prompt's pass keeps nearly all
+            row |= {"sparse_density": args.sparse_density, "merge_bytes": backend.reader.merge_bytes,
+                    "kept_density": round(backend.kept_neurons / max(backend.layer_passes * lay.intermediate, 1), 3)}
     return row
 
 
 def _engine_with_cache(config, cache_neurons: int | None, prefetch: bool):
     """An engine whose offloaded target is built with explicit cache/prefetch settings (naive streaming:
     no cache, no read-ahead; a small draft: whatever budget is left, possibly none)."""
+    from cluster.models.offload import OffloadedBackend
+
+    def build(model, slots, capacity, cfg):
+        try:
+            return OffloadedBackend(model, slots, capacity, cfg.path, cfg.memory_budget_gb, prefetch=prefetch,
+                                    cache_neurons=cache_neurons)
+        except ValueError as err:  # the budget left after the draft holds no cache: stream all of the FFN
+            log(f"  {err}; running with no neuron cache")
+            return OffloadedBackend(model, slots, capacity, cfg.path, 1e6, prefetch=prefetch, cache_neurons=0)
+
+    return _engine_with_backend(config, build)
+
+
+def _approximate(args, model, slots, capacity, cfg):
+    """The paper's approximate inference; reads merge through gaps up to the emulated device's latency x
+    bandwidth (where another request costs as much as the bytes), or the reader's default on a real disk."""
+    from cluster.models.approx_offload import ApproximateOffloadedBackend
+
+    merge = int(args.disk_latency_us * 1e-6 * args.disk_mb_s * 1e6) if args.disk_mb_s else None
+    return ApproximateOffloadedBackend(model, slots, capacity, cfg.path, cfg.memory_budget_gb,
+                                       density=args.sparse_density, merge_bytes=merge)
+
+
+def _engine_with_backend(config, build):
+    """An engine whose target backend is `build(model, slots, capacity, target config)`."""
     from cluster.engine import SpecEngine
     from cluster.models.loader import load_model, load_tokenizer
-    from cluster.models.offload import OffloadedBackend
     from cluster.workers.target_worker import TargetWorker
 
     limits, spec = config.validate().limits, config.speculation
@@ -189,13 +225,7 @@ def _engine_with_cache(config, cache_neurons: int | None, prefetch: bool):
     model = load_model(config.target)
     tokenizer = load_tokenizer(config.target)
     cfg = config.target
-    try:
-        backend = OffloadedBackend(model, limits.max_batch_size, capacity, cfg.path, cfg.memory_budget_gb,
-                                   prefetch=prefetch, cache_neurons=cache_neurons)
-    except ValueError as err:  # the budget left after the draft holds no cache: stream all of the FFN
-        log(f"  {err}; running with no neuron cache")
-        backend = OffloadedBackend(model, limits.max_batch_size, capacity, cfg.path, 1e6, prefetch=prefetch,
-                                   cache_neurons=0)
+    backend = build(model, limits.max_batch_size, capacity, cfg)
     worker = TargetWorker(cfg, limits.max_batch_size, capacity, model=model, rule=spec.rule, backend=backend,
                           extra_eos=tuple({tokenizer.eos_token_id} - {None}))
     return SpecEngine(config, tokenizer=tokenizer, target=worker)
@@ -230,9 +260,10 @@ def child(label: str, flags: list[str]) -> dict:
     return result
 
 
-def spawn(args, mode: str) -> dict:
+def spawn(args, mode: str, density: float = 0.0) -> dict:
     return child(mode, [
-        "--run-mode", mode, "--bundle", args.bundle, "--source", args.source, "--small-draft", args.small_draft,
+        "--run-mode", mode, "--sparse-density", str(density), "--bundle", args.bundle, "--source", args.source,
+        "--small-draft", args.small_draft,
         "--budget-fraction", str(args.budget_fraction), "--prompts", str(args.prompts),
         "--slow-prompts", str(args.slow_prompts), "--max-tokens", str(args.max_tokens), "--k", str(args.k),
         "--confidence", str(args.confidence), "--k-others", str(args.k_others), "--confidence-others",
@@ -266,6 +297,9 @@ def main(argv=None) -> dict:
                         help="read each prompt in a weight pass of its own (speculation.defer_prefill off)")
     parser.add_argument("--pipelining", choices=("continue", "off"), default="continue",
                         help="the speculative modes draft beside the verify (continue) or only between passes")
+    parser.add_argument("--sparse-densities", type=float, nargs="+", default=[0.3, 0.5],
+                        help="offload_sparse: the fractions of neurons kept per token, one run each")
+    parser.add_argument("--sparse-density", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + EXTRA_MODES)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save-outputs", help="write every mode's token ids here (JSON)")
@@ -285,7 +319,8 @@ def main(argv=None) -> dict:
     for name in ("ffn.bin", "embed.bin"):
         if (bundle / name).is_file():
             drop_from_page_cache(bundle / name)
-    rows = [spawn(args, mode) for mode in ("dense", *args.modes)]
+    rows = [spawn(args, mode, density) for mode in ("dense", *args.modes)
+            for density in (args.sparse_densities if mode == "offload_sparse" else [0.0])]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(rows, f)
     checks = child("check: teacher-forced against the dense model", ["--check-from", f.name, "--source", args.source])
@@ -310,7 +345,7 @@ def main(argv=None) -> dict:
         "tokens_per_s_offload_small_draft": by.get("offload_small_draft", {}).get("tokens_per_s"),
         "tokens_per_s_offload_spec_hot": by.get("offload_spec_hot", {}).get("tokens_per_s"),
         "accepted_per_pass_hot": by.get("offload_spec_hot", {}).get("accepted_per_pass"),
-        "exact": all(checks[m]["mismatches"] == 0 for m in checks),
+        "exact": all(checks[m]["mismatches"] == 0 for m in checks if not m.startswith("offload_sparse")),
         "k": args.k, "adaptive": args.adaptive, "confidence_threshold": args.confidence, "group": args.group,
         "k_others": args.k_others, "confidence_threshold_others": args.confidence_others,
         "defer_prefill": args.defer_prefill, "pipelining": args.pipelining,
@@ -321,6 +356,13 @@ def main(argv=None) -> dict:
     for extra in EXTRA_MODES:
         if extra in by:
             result[f"tokens_per_s_{extra}"] = by[extra]["tokens_per_s"]
+    # the paper's approximate "offload alone", one entry per density: speed against naive, and what it costs
+    result["offload_sparse"] = [
+        {"density": r["sparse_density"], "kept_density": r["kept_density"], "tokens_per_s": r["tokens_per_s"],
+         "speedup_over_naive": round(r["tokens_per_s"] / naive, 2) if naive else None,
+         "agreement": round(1 - r["mismatches"] / max(r["positions"], 1), 4),
+         "bytes_read_per_token": r["bytes_read_per_token"]}
+        for r in rows if r["mode"].startswith("offload_sparse")]
     for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft") + EXTRA_MODES:
         if naive and result.get(f"tokens_per_s_{key}"):
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)
@@ -330,7 +372,7 @@ def main(argv=None) -> dict:
             "acceptance",
             "draft_share", "continued_used", "continued_dropped",
             "bytes_read_per_token", "read_gb_per_s", "io_wait_share", "disk_sleep_share", "held_gb", "budget_gb",
-            "peak_rss_gb", "cached_neurons", "near_ties", "mismatches", "identical_to_dense"]
+            "peak_rss_gb", "cached_neurons", "kept_density", "near_ties", "mismatches", "identical_to_dense"]
     if not args.json:
         result = {**result, "rows": [{c: r.get(c, "-") for c in cols} for r in rows]}
     emit(result, args.json, cols)

@@ -409,3 +409,69 @@ def test_the_int4_fidelity_script_runs_and_its_own_model_agrees_with_itself(tiny
     itself, int4 = result["rows"]
     assert itself["agreement"] >= 0.9 and itself["ffn"] == "bf16 (itself)"
     assert int4["ffn"] == "int4, group 32" and 0.0 <= int4["agreement"] <= 1.0
+
+
+@pytest.fixture
+def approx_bundle(flash, tmp_path):
+    """The tiny bundle with random (untrained) predictors: the mechanics are tested, not the predictions."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "bundle"
+    shutil.copytree(flash, out)
+    lay = BundleLayout.load(out)
+    gen = torch.Generator().manual_seed(0)
+    save_file({f"layer.{i}.{name}": torch.randn(*shape, generator=gen) for i in range(lay.layers)
+               for name, shape in (("a", (lay.hidden, 4)), ("b", (5, lay.intermediate)))},
+              out / "predictors.safetensors")
+    return out
+
+
+def _approximate(bundle, neurons: int, density: float):
+    from cluster.models.approx_offload import ApproximateOffloadedBackend
+
+    skeleton = load_skeleton(bundle, torch.float32)
+    lay = BundleLayout.load(bundle)
+    predictors = lay.layers * (lay.hidden * 4 + 5 * lay.intermediate) * 4
+    return ApproximateOffloadedBackend(skeleton, 4, 128, bundle, _budget_gb(skeleton, lay, neurons)
+                                       + predictors / 1e9 + 1e-9, density=density, merge_bytes=0)
+
+
+def test_the_papers_approximate_offload_reads_only_predicted_uncached_rows_and_is_exact_only_when_dense(
+        flash, approx_bundle):
+    exact = _offloaded(flash, 40)
+    dense = _approximate(approx_bundle, 40, density=1.0)
+    sparse = _approximate(approx_bundle, 40, density=0.05)
+    assert sparse.neurons.capacity == 40 and sparse.held_bytes <= sparse.budget_bytes  # predictors in the budget
+    kept: list[torch.Tensor] = []
+    active = sparse.active
+    sparse.active = lambda li, h: kept.append(active(li, h)) or kept[-1]
+    logits = {}
+    for name, b in (("exact", exact), ("dense", dense), ("sparse", sparse)):
+        slot = b.cache.allocate()
+        b.forward([Row(slot, [1, 2, 3])])  # the first pass reads every row and fills the hot set
+        b.settle()
+        before, kept[:] = b.reader.bytes_read, []
+        logits[name] = b.forward([Row(slot, [4])]).logits[0, -1]
+        b.settle()
+        logits[name + "_read"] = b.reader.bytes_read - before
+    lay = sparse.layout
+    # every neuron kept: the exact backend's logits, reading what it reads
+    assert torch.allclose(logits["dense"], logits["exact"], atol=1e-5)
+    assert logits["dense_read"] == logits["exact_read"]
+    # 5%: each layer keeps its 6 predicted neurons and reads only those outside the hot set, 4 KiB-aligned
+    k = int(0.05 * lay.intermediate)
+    assert [int(keep.sum()) for keep in kept] == [k] * lay.layers
+    want = sum(hi - lo for keep in kept
+               for lo, hi in byte_ranges(runs(keep[40:].nonzero().flatten() + 40), lay.row_bytes, lay.layer_bytes))
+    assert logits["sparse_read"] == want < logits["exact_read"]
+    assert not torch.allclose(logits["sparse"], logits["exact"], atol=1e-3)  # approximate: never served
+
+
+def test_the_approximate_offload_refuses_a_bundle_without_predictors_and_a_bad_density(approx_bundle):
+    with pytest.raises(ValueError, match="density"):
+        _approximate(approx_bundle, 40, density=0.0)
+    (approx_bundle / "predictors.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="train_predictors"):
+        _approximate(approx_bundle, 40, density=0.5)

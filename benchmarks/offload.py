@@ -363,6 +363,8 @@ def main(argv=None) -> dict:
          "agreement": round(1 - r["mismatches"] / max(r["positions"], 1), 4),
          "bytes_read_per_token": r["bytes_read_per_token"]}
         for r in rows if r["mode"].startswith("offload_sparse")]
+    if result["offload_sparse"] and (bundle / "predictors.json").is_file():  # tools/train_predictors.py's curve
+        result["predictor_curve"] = json.loads((bundle / "predictors.json").read_text())["curve"]
     for key in ("offload", "offload_spec", "offload_spec_hot", "offload_small_draft") + EXTRA_MODES:
         if naive and result.get(f"tokens_per_s_{key}"):
             result[f"speedup_{key}_over_naive"] = round(result[f"tokens_per_s_{key}"] / naive, 2)

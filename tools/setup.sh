@@ -10,7 +10,7 @@ if [ -z "${SPECDEC_PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if ! "$PY" -c "import cluster, torch, transformers, ray, grpc_reflection, specdec" 2>/dev/null \
-   || { [ -n "$EXTRAS" ] && ! "$PY" -c "import pytest, openai" 2>/dev/null; }; then
+   || { [ -n "$EXTRAS" ] && ! "$PY" -c "import pytest, openai, matplotlib" 2>/dev/null; }; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q torch==2.13.0
   "$PY" -m pip install -q -e ".${EXTRAS}"

@@ -35,6 +35,7 @@ compared with the dense model's own greedy outputs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -128,8 +129,7 @@ def run_mode(args) -> dict:
     config.limits.max_model_len = 1024
     start = time.perf_counter()
     if mode == "offload_sparse":
-        engine = _engine_with_backend(config, lambda model, slots, capacity, cfg: _approximate(args, model, slots,
-                                                                                              capacity, cfg))
+        engine = _engine_with_backend(config, functools.partial(_approximate, args))
     elif mode in ("naive", "offload_small_draft"):
         engine = _engine_with_cache(config, 0 if mode == "naive" else None, prefetch=mode != "naive")
     else:
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
                         help="read each prompt in a weight pass of its own (speculation.defer_prefill off)")
     parser.add_argument("--pipelining", choices=("continue", "off"), default="continue",
                         help="the speculative modes draft beside the verify (continue) or only between passes")
-    parser.add_argument("--sparse-densities", type=float, nargs="+", default=[0.3, 0.5],
+    parser.add_argument("--sparse-densities", type=float, nargs="+", default=[0.1, 0.3, 0.5],
                         help="offload_sparse: the fractions of neurons kept per token, one run each")
     parser.add_argument("--sparse-density", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + EXTRA_MODES)

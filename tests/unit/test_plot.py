@@ -24,8 +24,8 @@ def test_an_offload_result_with_approximate_rows_gives_the_modes_and_the_sparsit
 
 
 def test_an_offload_result_without_them_gives_the_modes_only(tmp_path):
-    assert _drawn(plot(RESULTS / "results_offload_emulated_disk_beside.json", tmp_path)) == [
-        "offload_emulated_disk_beside.png"]
+    assert _drawn(plot(RESULTS / "results_offload_emulated_disk_rerun.json", tmp_path)) == [
+        "offload_emulated_disk_rerun.png"]
 
 
 def test_a_drafters_result_gives_one_figure(tmp_path):

@@ -67,9 +67,9 @@ class ApproximateOffloadedBackend(OffloadedBackend):
         start = time.perf_counter()
         self.reader.read_rows(li, runs(need.nonzero().flatten()), buf)
         self.io_wait_s += time.perf_counter() - start
-        full = buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
+        full = self._block(buf)
         if cache.filled[li]:
-            cache.fill_into(li, full)
+            cache.fill_into(li, full, only=keep)  # the kept ones only: the rest are not computed
         else:  # the fixed hot set (decay 1.0): its rows copied from this whole read
             cache.observe(li, None, full)
             cache.filled[li] = True  # with no cache at all, too: later passes read only what they keep

@@ -82,10 +82,16 @@ class NeuronCache:
             return torch.arange(self.layout.intermediate)
         return (~self.cached[layer]).nonzero().flatten()
 
-    def fill_into(self, layer: int, full: torch.Tensor) -> None:
-        """Copy the cached rows into a layer buffer whose other rows were read from storage."""
-        if self.filled[layer] and self.capacity:
-            full.index_copy_(0, self.ids[layer], self.rows[layer])
+    def fill_into(self, layer: int, full: torch.Tensor, only: torch.Tensor | None = None) -> None:
+        """Copy the cached rows into a layer buffer whose other rows were read from storage; with `only`
+        ([I] bool), just the cached rows among those neurons."""
+        if not (self.filled[layer] and self.capacity):
+            return
+        ids, rows = self.ids[layer], self.rows[layer]
+        if only is not None:
+            slots = only[ids].nonzero().flatten()
+            ids, rows = ids[slots], rows[slots]
+        full.index_copy_(0, ids, rows)
 
     def observe(self, layer: int, act: torch.Tensor, full: torch.Tensor) -> None:
         """After a dense pass over `full` (the whole layer, [I, 3, H]) whose activations were `act` [N, I]:
@@ -204,6 +210,11 @@ class OffloadedBackend(LeanBackend):
         lay = self.layout
         buf = self._buffers[0]
         self.reader.read_rows(layer, [(0, lay.intermediate)], buf)
+        return self._block(buf)
+
+    def _block(self, buf: torch.Tensor) -> torch.Tensor:
+        """A staging buffer seen as the layer's block [I, 3, H] (row i: neuron i's gate row, up row, down column)."""
+        lay = self.layout
         return buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
 
     # --- streaming -----------------------------------------------------------------------------------
@@ -251,8 +262,7 @@ class OffloadedBackend(LeanBackend):
             self.io_wait_s += time.perf_counter() - start
         self._computing = buf
         self._read_ahead(li)
-        lay = self.layout
-        full = buf[: lay.layer_bytes].view(lay.torch_dtype).view(lay.intermediate, 3, lay.hidden)
+        full = self._block(buf)
         self.neurons.fill_into(li, full)
         return full
 

@@ -438,8 +438,27 @@ def _approximate(bundle, neurons: int, density: float):
                                        + predictors / 1e9 + 1e-9, density=density, merge_bytes=0)
 
 
+def _masked_logits(model, order: list[torch.Tensor], passes: list[tuple[list[int], list[torch.Tensor]]]):
+    """The in-memory model run pass by pass (its KV cache carried), each layer's FFN activations zeroed outside
+    that pass's kept neurons (bundle order -> the model's via `order`): the last pass's last logits."""
+    masks: list[torch.Tensor] = []
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args, li=li: (args[0] * masks[li],))
+             for li, layer in enumerate(model.model.layers)]
+    past = None
+    try:
+        for ids, kept in passes:
+            masks[:] = [torch.zeros(len(o)).index_fill_(0, o[k.nonzero().flatten()], 1.0) for o, k in zip(order, kept)]
+            with torch.inference_mode():
+                out = model(torch.tensor([ids]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.logits[0, -1]
+
+
 def test_the_papers_approximate_offload_reads_only_predicted_uncached_rows_and_is_exact_only_when_dense(
-        flash, approx_bundle):
+        tiny_models, flash, approx_bundle):
     exact = _offloaded(flash, 40)
     dense = _approximate(approx_bundle, 40, density=1.0)
     sparse = _approximate(approx_bundle, 40, density=0.05)
@@ -447,12 +466,12 @@ def test_the_papers_approximate_offload_reads_only_predicted_uncached_rows_and_i
     kept: list[torch.Tensor] = []
     active = sparse.active
     sparse.active = lambda li, h: kept.append(active(li, h)) or kept[-1]
-    logits = {}
+    logits, first_kept = {}, []
     for name, b in (("exact", exact), ("dense", dense), ("sparse", sparse)):
         slot = b.cache.allocate()
         b.forward([Row(slot, [1, 2, 3])])  # the first pass reads every row and fills the hot set
         b.settle()
-        before, kept[:] = b.reader.bytes_read, []
+        before, first_kept, kept[:] = b.reader.bytes_read, kept[:], []
         logits[name] = b.forward([Row(slot, [4])]).logits[0, -1]
         b.settle()
         logits[name + "_read"] = b.reader.bytes_read - before
@@ -467,6 +486,12 @@ def test_the_papers_approximate_offload_reads_only_predicted_uncached_rows_and_i
                for lo, hi in byte_ranges(runs(keep[40:].nonzero().flatten() + 40), lay.row_bytes, lay.layer_bytes))
     assert logits["sparse_read"] == want < logits["exact_read"]
     assert not torch.allclose(logits["sparse"], logits["exact"], atol=1e-3)  # approximate: never served
+    # what it computes: the model with each pass's FFN cut to that pass's kept neurons (cached or read)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], local_files_only=True).eval()
+    neurons = load_file(approx_bundle / "neurons.safetensors")
+    order = [neurons[f"layer.{i}.order"].long() for i in range(lay.layers)]
+    reference = _masked_logits(model, order, [([1, 2, 3], first_kept), ([4], kept)])
+    assert torch.allclose(logits["sparse"], reference, atol=1e-4)
 
 
 def test_the_approximate_offload_refuses_a_bundle_without_predictors_and_a_bad_density(approx_bundle):

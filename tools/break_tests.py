@@ -134,7 +134,7 @@ BREAKAGES = [
              ("tests/unit/test_pool_policy.py::test_routers_admitting_on_their_leases_never_over_commit_a_worker",)),
     Breakage("offload-cache-not-copied", "the offloaded target computes over its staging buffer without the cached rows",
              "cluster/models/offload.py",
-             "        if self.filled[layer] and self.capacity:\n", "        if False:\n",
+             "        if not (self.filled[layer] and self.capacity):\n            return\n", "        return\n",
              ("tests/engine/test_offload.py::test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback[window-3-layers]",
               "tests/engine/test_offload.py::test_offloaded_logits_equal_in_memory_for_ragged_batches_trees_and_rollback[fixed-3-layers]")),
     Breakage("continuation-trusts-its-guess", "a continued draft becomes the next proposal without checking its guess",
